@@ -1,0 +1,99 @@
+"""EMA of the weights with a decay warmup, on Lightning's ``WeightAveraging``.
+
+Lightning's ``EMAWeightAveraging`` has a fixed decay; diffusion training wants the decay to ramp up
+(early weights are poor). We pass our own ``multi_avg_fn`` that does one fused
+``torch._foreach_lerp_`` per update with the decay of the current step:
+
+    decay(step) = min(max_decay, 1 - (1 + step / inv_gamma) ** -power)   (power warmup, diffusers'
+                                                                          EMAModel with use_ema_warmup)
+
+``power = 2/3`` suits short runs, ``3/4`` long ones (Karras et al.). The average lives in an
+``AveragedModel`` of the whole LightningModule, so frozen helpers (VAE, Inception) must stay outside
+the module tree. Checkpoints hold the EMA weights as ``state_dict`` and the raw ones as
+``current_model_state`` (Lightning's format).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import WeightAveraging
+from torch import Tensor
+
+
+def ema_decay(step: int, max_decay: float = 0.9999, inv_gamma: float = 1.0,
+              power: float = 2 / 3, min_decay: float = 0.0) -> float:
+    """Decay for the update after ``step`` optimizer steps (step >= 0), in [min_decay, max_decay]."""
+    value = 1 - (1 + step / inv_gamma) ** -power
+    return max(min_decay, min(max_decay, value))
+
+
+class _WarmupEMA:
+    """``multi_avg_fn`` for ``AveragedModel``: lerp every averaged tensor towards the current one.
+
+    The decay is set by the callback (from the Python-side step count) before each update, so the
+    update needs no device-to-host sync.
+    """
+
+    def __init__(self) -> None:
+        self.decay = 0.0
+
+    def __call__(self, averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        floating = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+        if floating:
+            avg, cur = zip(*floating)
+            torch._foreach_lerp_(list(avg), list(cur), 1.0 - self.decay)
+        for a, c in zip(averaged, current):
+            if not a.is_floating_point():
+                a.copy_(c)
+
+
+class EMA(WeightAveraging):
+    """EMA weights for validation, sampling, FID and checkpoints.
+
+    Args:
+        max_decay: the decay the warmup approaches (e.g. 0.9999).
+        inv_gamma, power: warmup shape (see module docstring).
+        min_decay: lower bound of the decay.
+        update_every_n_steps: update the average every N optimizer steps.
+        start_step: no averaging before this optimizer step (the average tracks the raw weights).
+        device: where the averaged copy lives (None: the module's device).
+    """
+
+    def __init__(self, max_decay: float = 0.9999, inv_gamma: float = 1.0, power: float = 2 / 3,
+                 min_decay: float = 0.0, update_every_n_steps: int = 1, start_step: int = 0,
+                 device: str | None = None) -> None:
+        self._avg_fn = _WarmupEMA()
+        super().__init__(device=device, use_buffers=True, multi_avg_fn=self._avg_fn)
+        self.max_decay, self.inv_gamma, self.power = max_decay, inv_gamma, power
+        self.min_decay = min_decay
+        self.update_every_n_steps = update_every_n_steps
+        self.start_step = start_step
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        if step_idx is None:
+            return False
+        if step_idx < self.start_step:
+            self._avg_fn.decay = 0.0  # copy: the average follows the raw weights
+            return True
+        self._avg_fn.decay = ema_decay(step_idx - self.start_step, self.max_decay,
+                                       self.inv_gamma, self.power, self.min_decay)
+        return (step_idx + 1) % self.update_every_n_steps == 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "decay": self._avg_fn.decay}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._avg_fn.decay = state_dict.get("decay", 0.0)
+
+    def current_decay(self) -> float:
+        """The decay used by the most recent update."""
+        return self._avg_fn.decay
+
+
+def has_ema(trainer: L.Trainer) -> bool:
+    """Whether the trainer averages weights (so validation runs on EMA weights)."""
+    return any(isinstance(cb, WeightAveraging) for cb in trainer.callbacks)

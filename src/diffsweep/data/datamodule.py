@@ -1,0 +1,190 @@
+"""``ImageDataModule``: one LightningDataModule for every image source (digits, folders, MNIST...)."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from diffsweep.data.base import ImageSource, check_split, collate
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Dataloaders over an :class:`~diffsweep.data.base.ImageSource` (injected by Hydra).
+
+    Batches are ``[x, label]``: x float32 ``(B, C, H, W)`` in ``[-1, 1]``, label int64 ``(B,)``
+    (-1 when unlabeled). ``channels``, ``resolution`` and ``image_shape`` (C, H, W) are set in
+    ``__init__`` from the source (nothing is read from disk before ``prepare_data``/``setup``).
+
+    Args:
+        source: where images come from.
+        batch_size: GLOBAL training batch size; under DDP each rank loads
+            ``batch_size // world_size`` (must divide evenly). Computed in ``setup``.
+        val_batch_size: global validation batch size (default: ``batch_size``).
+        num_workers: DataLoader worker processes (0 = load in the main process; workers are
+            persistent when > 0).
+        drop_last: drop the last incomplete training batch (validation never drops).
+        shuffle: shuffle the training split (seeded by ``seed``).
+        seed: seed of the training shuffle order (and of the worker RNGs, e.g. random flips).
+        channels, resolution: optional consistency checks against the source (the Hydra configs
+            carry them as top-level ``data.channels``/``data.resolution`` keys for the model).
+        root: accepted (and stored) so the config's top-level ``data.root`` key can exist; the
+            source reads it via interpolation.
+    """
+
+    def __init__(
+        self,
+        source: ImageSource,
+        batch_size: int = 128,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        drop_last: bool = True,
+        shuffle: bool = True,
+        seed: int = 0,
+        channels: int | None = None,
+        resolution: int | None = None,
+        root: str | None = None,
+    ):
+        super().__init__()
+        if not isinstance(source, ImageSource):
+            raise TypeError(f"source must be an ImageSource, got {type(source).__name__}")
+        for name, want, have in (("channels", channels, source.channels),
+                                 ("resolution", resolution, source.resolution)):
+            if want is not None and int(want) != int(have):
+                raise ValueError(f"data.{name}={want} but the source produces {name}={have}; "
+                                 f"make data.source.{name} follow data.{name}")
+        if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
+            raise ValueError("batch_size and val_batch_size must be >= 1")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.source = source
+        self.batch_size = int(batch_size)
+        self.val_batch_size = int(val_batch_size) if val_batch_size is not None else None
+        self.num_workers = int(num_workers)
+        self.drop_last = bool(drop_last)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.root = root
+        self.channels: int = int(source.channels)
+        self.resolution: int = int(source.resolution)
+        self.image_shape: tuple[int, int, int] = (self.channels, self.resolution, self.resolution)
+        self.world_size: int = 1
+        self.per_rank_batch_size: int = self.batch_size
+        self.per_rank_val_batch_size: int = self.val_batch_size or self.batch_size
+        self._datasets: dict[tuple[str, bool], Dataset] = {}
+
+    # -- Lightning hooks ---------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Runs on one process per node: downloads, if the source has any."""
+        self.source.prepare()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Per-rank batch sizes from ``trainer.world_size``; loads the splits the stage needs."""
+        trainer = getattr(self, "trainer", None)
+        self.world_size = int(trainer.world_size) if trainer is not None else 1
+        self.per_rank_batch_size = self._per_rank(self.batch_size, "batch_size")
+        self.per_rank_val_batch_size = self._per_rank(
+            self.val_batch_size or self.batch_size, "val_batch_size")
+        if stage in (None, "fit"):
+            self.dataset("train")
+        if stage in (None, "fit", "validate"):
+            self.dataset("val")
+
+    def _per_rank(self, global_batch: int, name: str) -> int:
+        if global_batch % self.world_size:
+            raise ValueError(f"data.{name}={global_batch} is the GLOBAL batch size and must be "
+                             f"divisible by the number of processes ({self.world_size})")
+        return global_batch // self.world_size
+
+    def _pin_memory(self) -> bool:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return False
+        try:
+            return trainer.strategy.root_device.type == "cuda"
+        except Exception:  # noqa: BLE001 - strategy not set up yet
+            return False
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self._pin_memory(),
+            collate_fn=collate,
+            generator=generator,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self.dataset("train")
+        per_rank_items = -(-len(ds) // self.world_size)  # DistributedSampler pads up
+        if self.drop_last and per_rank_items < self.per_rank_batch_size:
+            raise ValueError(
+                f"batch_size={self.batch_size} is larger than the training split "
+                f"({len(ds)} images{f' over {self.world_size} processes' if self.world_size > 1 else ''}) "
+                "and drop_last=true would yield zero batches: lower data.batch_size or set "
+                "data.drop_last=false")
+        return self._loader(ds, self.per_rank_batch_size, self.shuffle, self.drop_last)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("val"), self.per_rank_val_batch_size, False, False)
+
+    # -- contract API ------------------------------------------------------------------------
+    def dataset(self, split: str, augment: bool | None = None) -> Dataset:
+        """Dataset of ``(x (C,H,W) float32 in [-1, 1], label int64)`` for ``split``
+        (``train``/``val``). ``augment`` (train-time random transforms such as flips) defaults
+        to ``split == "train"``. Cached."""
+        check_split(split)
+        aug = (split == "train") if augment is None else bool(augment)
+        key = (split, aug)
+        if key not in self._datasets:
+            self._datasets[key] = self.source.load(split, augment=aug)
+        return self._datasets[key]
+
+    def fingerprint(self, split: str = "train") -> str:
+        """sha256 hex string naming source, split, resolution, channels, count and content
+        (stable across runs and machines; changes when any of them changes)."""
+        return self.source.fingerprint(check_split(split))
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Model space -> images in ``[-1, 1]``: for image data just a clamp."""
+        return x.clamp(-1.0, 1.0)
+
+    def real_images(
+        self,
+        split: str = "train",
+        max_count: int | None = None,
+        batch_size: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Iterator[torch.Tensor]:
+        """Yield float32 ``(B, C, H, W)`` batches in ``[-1, 1]`` of ``split`` in a fixed order,
+        without augmentation, at most ``max_count`` images in total (None: all).
+
+        ``rank``/``world_size`` shard those images (every ``world_size``-th one starting at
+        ``rank``) so DDP ranks can each feed a disjoint part to a metric that syncs across ranks.
+        """
+        ds = self.dataset(split, augment=False)
+        n = len(ds) if max_count is None else min(int(max_count), len(ds))
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        indices = list(range(rank, n, world_size))
+        loader = DataLoader(
+            Subset(ds, indices),
+            batch_size=batch_size or self.val_batch_size or self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+        )
+        for x, _ in loader:
+            yield x
+
+    def __repr__(self) -> str:
+        return (f"ImageDataModule(source={self.source!r}, batch_size={self.batch_size}, "
+                f"num_workers={self.num_workers})")

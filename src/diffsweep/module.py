@@ -1,0 +1,210 @@
+"""DiffusionModule: the LightningModule around a net, a noise schedule and the training loss.
+
+Training: ``x~ = x0 + sigma~ * eps`` with ``t ~ schedule.sample_t``; the net sees
+``c_in(sigma~) * x~`` (for VP exactly ``x_t``) and ``c_noise(t)``; the loss is the MSE between the
+net's output and ``denoiser.training_target`` (eps for eps-prediction).
+
+Validation (on EMA weights, swapped in by the EMA callback) logs the same loss on held-out data
+with a fixed noise seed; sample grids and FID live in callbacks (``diffsweep.callbacks``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffsweep.denoiser import Denoiser, append_dims
+from diffsweep.samplers import Sampler
+from diffsweep.schedules import NoiseSchedule
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class DiffusionModule(L.LightningModule):
+    """Epsilon-prediction (or v / x0) diffusion training for any :class:`NoiseSchedule`.
+
+    Args:
+        net: ``net(x_in, c_noise, class_labels=None) -> output`` (see ``nets/unet.py``).
+        schedule: the noise schedule.
+        optimizer: a partial optimizer constructor (``torch.optim.AdamW`` with ``_partial_: true``).
+        sampler: the sampler used for validation sample grids (others can be passed to ``sample``).
+        image_shape: ``(C, H, W)`` of one sample in model space.
+        prediction_type: ``epsilon``, ``sample`` or ``v_prediction``.
+        lr_warmup_steps: linear learning-rate warmup from 0 over this many steps (0: none).
+        label_dropout: probability of replacing a class label by the null label (CFG training);
+            only used when the net is class-conditional.
+        config: the composed run config, stored in checkpoints so ``evaluate.py`` can rebuild
+            the model without the original command line.
+    """
+
+    def __init__(self, net: nn.Module, schedule: NoiseSchedule, optimizer: OptimizerFactory,
+                 sampler: Sampler | None = None, image_shape: tuple[int, int, int] = (1, 16, 16),
+                 prediction_type: str = "epsilon", lr_warmup_steps: int = 0,
+                 label_dropout: float = 0.1, config: dict | None = None) -> None:
+        super().__init__()
+        self.net = net
+        self.schedule = schedule
+        # Not a registered submodule: its net is self.net (one copy of the weights in checkpoints).
+        object.__setattr__(self, "_denoiser", Denoiser(net, schedule, prediction_type))
+        self.optimizer_factory = optimizer
+        self.sampler = sampler
+        self.image_shape = tuple(image_shape)
+        self.prediction_type = prediction_type
+        self.lr_warmup_steps = lr_warmup_steps
+        self.label_dropout = label_dropout
+        self.config = config
+        self.num_classes: int | None = getattr(net, "num_classes", None)
+
+    @property
+    def denoiser(self) -> Denoiser:
+        """``denoiser(x~, sigma~) -> x0_hat`` over this module's net and schedule."""
+        return self._denoiser
+
+    # ------------------------------------------------------------------ loss
+
+    def _class_labels(self, labels: Tensor, training: bool) -> Tensor | None:
+        if self.num_classes is None:
+            return None
+        if (labels < 0).any():
+            raise ValueError("The net is class-conditional (model.num_classes is set) but the "
+                             "dataset has no labels; unset model.num_classes.")
+        if training and self.label_dropout > 0:
+            drop = torch.rand(labels.shape, device=labels.device) < self.label_dropout
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        return labels
+
+    def diffusion_loss(self, x0: Tensor, labels: Tensor | None = None,
+                       generator: torch.Generator | None = None, training: bool = True) -> Tensor:
+        """Mean squared error of the net's output against its target, averaged over the batch."""
+        batch = x0.shape[0]
+        # Times and sigma~ are drawn on the CPU in float64 (schedule tables live there).
+        _, sigma = self.schedule.training_sigma_tilde(batch, generator=generator)
+        if generator is None:
+            eps = torch.randn_like(x0)
+        else:
+            eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        sigma_device = sigma.to(x0.device)
+        x_tilde = x0 + append_dims(sigma_device, x0.ndim).to(x0.dtype) * eps
+        x_in, c_noise, _ = self.denoiser.net_inputs(x_tilde, sigma)
+        class_labels = self._class_labels(labels, training) if labels is not None else None
+        if class_labels is None:
+            output = self.net(x_in, c_noise.to(x0.device))
+        else:
+            output = self.net(x_in, c_noise.to(x0.device), class_labels)
+        target = self.denoiser.training_target(x0, eps, sigma_device)
+        return F.mse_loss(output.float(), target.float())
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x0, labels = batch
+        loss = self.diffusion_loss(x0, labels)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(self._non_finite_message(float(loss)))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False,
+                 batch_size=x0.shape[0])
+        return loss
+
+    def _non_finite_message(self, loss: float) -> str:
+        checkpoint = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or \
+            getattr(self.trainer.checkpoint_callback, "best_model_path", "")
+        where = (f"The last good checkpoint is {checkpoint}; rerun the same command to resume "
+                 f"from it." if checkpoint else "No checkpoint was written before this step.")
+        return (f"Training loss is {loss} at step {self.global_step}; stopped before the optimizer "
+                f"step, so no weights were updated with it. {where} Lower the learning rate "
+                f"(module.optimizer.lr), keep gradient clipping on (trainer.gradient_clip_val) or "
+                f"check the data.")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x0, labels = batch
+        generator = torch.Generator().manual_seed(1234 + batch_idx)
+        loss = self.diffusion_loss(x0, labels, generator=generator, training=False)
+        self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True,
+                 batch_size=x0.shape[0])
+        return loss
+
+    # ------------------------------------------------------------------ sampling
+
+    @torch.no_grad()
+    def sample(self, sampler: Sampler | None = None, num_samples: int = 64,
+               generator: torch.Generator | None = None, batch_size: int | None = None,
+               class_labels: Tensor | None = None) -> Tensor:
+        """Draw ``num_samples`` model-space samples ``(N, C, H, W)`` with ``sampler``.
+
+        Deterministic given ``generator`` (a CPU generator: noise is drawn on the CPU and moved, so
+        samples agree across devices up to arithmetic). Uses the weights currently in the module
+        (EMA weights during validation and after training).
+        """
+        sampler = sampler or self.sampler
+        if sampler is None:
+            raise ValueError("No sampler given and the module has none configured.")
+        batch_size = batch_size or num_samples
+        was_training = self.training
+        self.eval()
+        chunks = []
+        for start in range(0, num_samples, batch_size):
+            count = min(batch_size, num_samples - start)
+            shape = (count, *self.image_shape)
+            denoiser: Any = self.denoiser
+            if class_labels is not None:
+                labels = class_labels[start:start + count].to(self.device)
+                denoiser = _LabelledDenoiser(self.denoiser, labels)
+            chunks.append(_sample_on_device(sampler, denoiser, self.schedule, shape, generator,
+                                            self.device))
+        self.train(was_training)
+        return torch.cat(chunks)
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(params=self.net.parameters())
+        if self.lr_warmup_steps <= 0:
+            return {"optimizer": optimizer}
+        warmup = self.lr_warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.config is not None:
+            checkpoint["diffsweep_config"] = self.config
+
+
+class _LabelledDenoiser:
+    """A denoiser with class labels bound, for class-conditional sampling."""
+
+    def __init__(self, denoiser: Denoiser, class_labels: Tensor) -> None:
+        self.denoiser, self.class_labels = denoiser, class_labels
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        return self.denoiser(x, sigma, self.class_labels)
+
+
+def _sample_on_device(sampler: Sampler, denoiser: Any, schedule: NoiseSchedule,
+                      shape: tuple[int, ...], generator: torch.Generator | None,
+                      device: torch.device) -> Tensor:
+    """Run ``sampler`` with noise drawn from a CPU ``generator`` (reproducible across devices)."""
+    if device.type == "cpu" or generator is None:
+        return sampler(denoiser, schedule, shape, generator=generator, device=device)
+    # Draw the initial noise on the CPU for cross-device reproducibility; stochastic samplers
+    # draw their per-step noise from a device generator seeded from the CPU one.
+    device_generator = torch.Generator(device=device)
+    device_generator.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    x = sampler.initial_noise(schedule, shape, generator=generator).to(device)
+    return sampler.method.fn(denoiser, x, sampler.sigmas(schedule), generator=device_generator,
+                             **sampler.options)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+__all__ = ["DiffusionModule", "NonFiniteLossError", "count_parameters"]

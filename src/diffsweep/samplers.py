@@ -1,0 +1,446 @@
+"""Samplers: short functions over a denoiser in sigma-space (k-diffusion style).
+
+Every sampler has the signature ``fn(denoiser, x, sigmas, generator=None, **options) -> x0`` where
+
+- ``denoiser(x~, sigma~) -> x0_hat`` (see :mod:`diffsweep.denoiser`),
+- ``x`` is the starting point ``x~_T`` at ``sigmas[0]`` (shape (B, ...), the model's dtype),
+- ``sigmas`` is a decreasing float64 grid ending at 0 (see :mod:`diffsweep.grids`),
+- ``generator`` drives all noise a stochastic sampler draws (on ``x.device``).
+
+The result is the sample at sigma~ = 0, i.e. in data space for every schedule. Samplers never
+convert prediction types; that happens in the denoiser.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from diffsweep.denoiser import DenoiserFn
+from diffsweep.grids import sigma_grid, check_spacing
+from diffsweep.schedules import NoiseSchedule
+
+SamplerFn = Callable[..., Tensor]
+
+
+def _noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal noise shaped like x, drawn in float32 when x is float64 (then upcast).
+
+    Drawing in the model's dtype keeps the random stream independent of the state precision (and
+    equal to diffusers' ``randn_tensor`` for the same generator).
+    """
+    dtype = torch.float32 if x.dtype == torch.float64 else x.dtype
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=dtype)
+    return noise.to(x.dtype)
+
+
+def _denoise(denoiser: DenoiserFn, x: Tensor, sigma: float) -> Tensor:
+    """``x0_hat`` at the scalar noise level ``sigma`` in x's dtype."""
+    return denoiser(x, torch.tensor(sigma, dtype=torch.float64)).to(x.dtype)
+
+
+def to_d(x: Tensor, sigma: float, x0: Tensor) -> Tensor:
+    """The probability-flow ODE derivative ``dx~/dsigma~ = (x~ - x0_hat) / sigma~``."""
+    return (x - x0) / sigma
+
+
+def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
+    """Split a step into a deterministic part to ``sigma_down`` and fresh noise ``sigma_up``.
+
+    ``sigma_up = min(sigma_to, eta * sqrt(sigma_to^2 (sigma_from^2 - sigma_to^2) / sigma_from^2))``,
+    ``sigma_down = sqrt(sigma_to^2 - sigma_up^2)``. In sigma-space this is exactly DDIM's
+    ``sigma_t(eta)`` (Song et al. 2021, eq. 16); ``eta = 1`` is DDPM's posterior with the
+    ``fixed_small`` variance.
+    """
+    if eta == 0 or sigma_to == 0:
+        return sigma_to, 0.0
+    sigma_up = min(sigma_to, eta * math.sqrt(sigma_to**2 * (sigma_from**2 - sigma_to**2)
+                                             / sigma_from**2))
+    return math.sqrt(sigma_to**2 - sigma_up**2), sigma_up
+
+
+def _check_eta(eta: float) -> None:
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0 (0 = deterministic, 1 = DDPM/ancestral), got {eta}.")
+
+
+def _steps(sigmas: Tensor) -> list[tuple[float, float]]:
+    """``[(sigma_i, sigma_{i+1})]`` as Python floats (float64)."""
+    values = sigmas.tolist()
+    return list(zip(values[:-1], values[1:]))
+
+
+@torch.no_grad()
+def sample_euler(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor,
+                 generator: torch.Generator | None = None) -> Tensor:
+    """Euler on the probability-flow ODE in sigma~; identical to DDIM with eta = 0.
+
+    Written as ``x0 + (sigma_next / sigma) (x - x0)`` (DDIM's form), which rounds less than
+    ``x + (sigma_next - sigma) d`` and is the same map.
+    """
+    for sigma, sigma_next in _steps(sigmas):
+        x0 = _denoise(denoiser, x, sigma)
+        x = x0 + (sigma_next / sigma) * (x - x0)
+    return x
+
+
+@torch.no_grad()
+def sample_ancestral(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor,
+                     generator: torch.Generator | None = None, eta: float = 1.0) -> Tensor:
+    """Euler to ``sigma_down``, then fresh noise of std ``sigma_up`` (see :func:`ancestral_step`).
+
+    With ``eta = 1`` this is DDPM ancestral sampling (and diffusers' Euler ancestral); with
+    ``0 <= eta <= 1`` it is DDIM(eta). One noise draw per step except the step to sigma~ = 0.
+    """
+    _check_eta(eta)
+    for sigma, sigma_next in _steps(sigmas):
+        x0 = _denoise(denoiser, x, sigma)
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        x = x0 + (sigma_down / sigma) * (x - x0)
+        if sigma_up > 0:
+            x = x + sigma_up * _noise_like(x, generator)
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor,
+                generator: torch.Generator | None = None, eta: float = 0.0) -> Tensor:
+    """DDIM (Song et al. 2021) in sigma-space: Euler for ``eta = 0``, ancestral otherwise."""
+    _check_eta(eta)
+    if eta == 0:
+        return sample_euler(denoiser, x, sigmas, generator)
+    return sample_ancestral(denoiser, x, sigmas, generator, eta=eta)
+
+
+@torch.no_grad()
+def sample_heun(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor,
+                generator: torch.Generator | None = None, s_churn: float = 0.0,
+                s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0) -> Tensor:
+    """EDM Algorithm 2: Heun's 2nd-order method with optional churn; Euler on the step to 0.
+
+    ``s_churn`` adds noise raising sigma by ``gamma = min(s_churn / num_steps, sqrt(2) - 1)``
+    for sigma in ``[s_tmin, s_tmax]``; ``s_churn = 0`` is the deterministic Algorithm 1.
+    """
+    steps = _steps(sigmas)
+    for sigma, sigma_next in steps:
+        gamma = (min(s_churn / len(steps), math.sqrt(2) - 1)
+                 if s_churn > 0 and s_tmin <= sigma <= s_tmax else 0.0)
+        sigma_hat = sigma * (1 + gamma)
+        if gamma > 0:
+            x = x + math.sqrt(sigma_hat**2 - sigma**2) * s_noise * _noise_like(x, generator)
+        d = to_d(x, sigma_hat, _denoise(denoiser, x, sigma_hat))
+        x_euler = x + (sigma_next - sigma_hat) * d
+        if sigma_next == 0:
+            x = x_euler
+        else:
+            d_next = to_d(x_euler, sigma_next, _denoise(denoiser, x_euler, sigma_next))
+            x = x + (sigma_next - sigma_hat) * (d + d_next) / 2
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor,
+                    generator: torch.Generator | None = None) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022), multistep in ``lambda = -log sigma~``.
+
+    ``x <- r x + (1 - r) (x0 + (h / 2 h_prev) (x0 - x0_prev))`` with ``r = sigma_next / sigma``,
+    ``h = log(sigma / sigma_next)``; first order (DDIM) on the first step and on the final step to
+    sigma~ = 0, as diffusers' ``DPMSolverMultistepScheduler`` (``lower_order_final``) does.
+    """
+    x0_prev, h_prev = None, None
+    for sigma, sigma_next in _steps(sigmas):
+        x0 = _denoise(denoiser, x, sigma)
+        if sigma_next == 0:
+            return x0
+        h, ratio = math.log(sigma / sigma_next), sigma_next / sigma
+        direction = x0 if x0_prev is None else x0 + (h / (2 * h_prev)) * (x0 - x0_prev)
+        x = ratio * x + (1 - ratio) * direction
+        x0_prev, h_prev = x0, h
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor,
+                        generator: torch.Generator | None = None, eta: float = 1.0,
+                        s_noise: float = 1.0) -> Tensor:
+    """DPM-Solver++(2M) SDE, midpoint solver type (diffusers ``sde-dpmsolver++``, k-diffusion).
+
+    With ``e = exp(-(1 + eta) h)``: ``x <- r exp(-eta h) x + (1 - e) (x0 + (h / 2 h_prev) (x0 -
+    x0_prev)) + sigma_next sqrt(1 - exp(-2 eta h)) s_noise z``. ``eta = 1`` is diffusers' solver,
+    ``eta = 0`` is :func:`sample_dpmpp_2m`. First order on the first step; the step to 0 returns x0.
+    """
+    _check_eta(eta)
+    x0_prev, h_prev = None, None
+    for sigma, sigma_next in _steps(sigmas):
+        x0 = _denoise(denoiser, x, sigma)
+        if sigma_next == 0:
+            return x0
+        h = math.log(sigma / sigma_next)
+        one_minus_e = -math.expm1(-(1 + eta) * h)
+        direction = x0 if x0_prev is None else x0 + (h / (2 * h_prev)) * (x0 - x0_prev)
+        x = (sigma_next / sigma) * math.exp(-eta * h) * x + one_minus_e * direction
+        if eta > 0:
+            noise_std = sigma_next * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise
+            x = x + noise_std * _noise_like(x, generator)
+        x0_prev, h_prev = x0, h
+    return x
+
+
+def _unipc_coefficients(h: float, rks: list[float], order: int, predictor: bool) -> list[float]:
+    """UniPC-bh2 weights (Zhao et al. 2023; diffusers' ``multistep_uni_{p,c}_bh_update``).
+
+    ``rks``: ``(lambda_k - lambda_s0) / h`` of the ``order - 1`` older points. Predictor: the
+    weights of the ``order - 1`` divided differences (0.5 for order 2). Corrector: ``order``
+    weights, the last one for the new evaluation (0.5 for order 1).
+    """
+    if predictor and order == 2:
+        return [0.5]
+    if not predictor and order == 1:
+        return [0.5]
+    hh = -h
+    b_h = math.expm1(hh)
+    h_phi_k = b_h / hh - 1
+    factorial, b = 1, []
+    for i in range(1, order + 1):
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    nodes = np.array(list(rks) + [1.0])
+    matrix = np.stack([nodes ** (i - 1) for i in range(1, order + 1)])
+    if predictor:
+        return np.linalg.solve(matrix[:-1, :-1], np.array(b[:-1])).tolist()
+    return np.linalg.solve(matrix, np.array(b)).tolist()
+
+
+def _unipc_update(x: Tensor, sigma: float, sigma_next: float, history: list[tuple[float, Tensor]],
+                  order: int, x0_new: Tensor | None = None) -> Tensor:
+    """One UniPC-bh2 step from ``x`` at ``sigma`` (= history[-1]) to ``sigma_next``.
+
+    ``history``: ``(lambda, x0)`` pairs, newest last, the newest at ``sigma``. Predictor when
+    ``x0_new`` is None, else the corrector with the evaluation ``x0_new`` at ``sigma_next``.
+    In sigma-space: ``x <- r x + (1 - r) (x0 + sum_k rho_k D_k)`` with ``r = sigma_next / sigma``.
+    """
+    ratio = sigma_next / sigma
+    if sigma_next == 0:
+        return history[-1][1]
+    lambda_s0, x0 = history[-1]
+    h = math.log(sigma / sigma_next)
+    older = history[-order:-1][::-1]  # newest first: s1, s2, ...
+    rks = [(lam - lambda_s0) / h for lam, _ in older]
+    diffs = [(m - x0) / rk for rk, (_, m) in zip(rks, older)]
+    rhos = _unipc_coefficients(h, rks, order, predictor=x0_new is None)
+    if x0_new is not None:
+        diffs.append(x0_new - x0)
+    direction = x0
+    for rho, diff in zip(rhos, diffs):
+        direction = direction + rho * diff
+    return ratio * x + (1 - ratio) * direction
+
+
+@torch.no_grad()
+def sample_unipc(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor,
+                 generator: torch.Generator | None = None, order: int = 2) -> Tensor:
+    """UniPC (Zhao et al. 2023), bh2, data prediction, as diffusers' ``UniPCMultistepScheduler``.
+
+    Each step: evaluate x0 at the current point, correct the current point with it (UniC, reusing
+    that evaluation; not on the first step), then predict the next point (UniP). The order warms
+    up from 1 and drops near the end (``lower_order_final``): ``min(order, i + 1, num_steps - i)``;
+    the step to sigma~ = 0 returns x0 and no corrector follows it. NFE = num_steps.
+    """
+    _check_unipc_order(order)
+    steps = _steps(sigmas)
+    history: list[tuple[float, Tensor]] = []
+    x_last, last_order = x, 1
+    for i, (sigma, sigma_next) in enumerate(steps):
+        x0 = _denoise(denoiser, x, sigma)
+        if history:
+            x = _unipc_update(x_last, steps[i - 1][0], sigma, history, last_order, x0_new=x0)
+        history = (history + [(-math.log(sigma), x0)])[-order:]
+        last_order = min(order, i + 1, len(steps) - i)
+        x_last = x
+        x = _unipc_update(x, sigma, sigma_next, history, last_order)
+    return x
+
+
+def _check_unipc_order(order: int) -> None:
+    if order not in (2, 3):
+        raise ValueError(f"unipc order must be one of 2, 3; got {order!r}.")
+
+
+def lms_coefficient(sigmas: list[float], i: int, order: int, j: int) -> float:
+    """Weight of the derivative ``j`` steps back in the ``order``-step LMS update from sigmas[i].
+
+    ``int_{sigmas[i]}^{sigmas[i+1]} prod_{k != j} (s - sigmas[i-k]) / (sigmas[i-j] - sigmas[i-k]) ds``
+    over ``k < order``: the Lagrange basis integrated exactly (Gauss-Legendre, ``order`` nodes).
+    """
+    nodes, weights = np.polynomial.legendre.leggauss(max(order, 1))
+    lo, hi = sigmas[i], sigmas[i + 1]
+    s = (hi - lo) / 2 * nodes + (hi + lo) / 2
+    basis = np.ones_like(s)
+    for k in range(order):
+        if k != j:
+            basis *= (s - sigmas[i - k]) / (sigmas[i - j] - sigmas[i - k])
+    return float((hi - lo) / 2 * np.sum(weights * basis))
+
+
+@torch.no_grad()
+def sample_lms(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor,
+               generator: torch.Generator | None = None, order: int = 4) -> Tensor:
+    """Linear multistep in sigma~ (k-diffusion / diffusers' ``LMSDiscreteScheduler``).
+
+    ``x <- x + sum_j c_j d_{i-j}`` over the last ``min(i + 1, order)`` derivatives
+    ``d = (x - x0) / sigma``, with ``c_j`` from :func:`lms_coefficient`.
+    """
+    _check_lms_order(order)
+    sigma_list = sigmas.tolist()
+    derivatives: list[Tensor] = []
+    for i, (sigma, _) in enumerate(_steps(sigmas)):
+        derivatives = (derivatives + [to_d(x, sigma, _denoise(denoiser, x, sigma))])[-order:]
+        current = len(derivatives)
+        for j, d in enumerate(reversed(derivatives)):
+            x = x + lms_coefficient(sigma_list, i, current, j) * d
+    return x
+
+
+def _check_lms_order(order: int) -> None:
+    if int(order) != order or order < 1:
+        raise ValueError(f"lms order must be an integer >= 1 (default 4), got {order!r}.")
+
+
+@dataclass(frozen=True)
+class SamplerMethod:
+    """A registered sampler: its function, NFE for a step count, and whether it draws noise."""
+
+    fn: SamplerFn
+    nfe: Callable[[int], int]
+    stochastic: bool = False
+
+
+def _one_per_step(num_steps: int) -> int:
+    return num_steps
+
+
+def _heun_nfe(num_steps: int) -> int:
+    """Two evaluations a step, one on the Euler step to sigma~ = 0."""
+    return 2 * num_steps - 1
+
+
+#: name -> method. ``ddpm`` is ancestral sampling with eta = 1 on the discrete grid.
+SAMPLERS: dict[str, SamplerMethod] = {
+    "euler": SamplerMethod(sample_euler, _one_per_step),
+    "ddim": SamplerMethod(sample_ddim, _one_per_step),
+    "ddpm": SamplerMethod(sample_ancestral, _one_per_step, stochastic=True),
+    "euler_ancestral": SamplerMethod(sample_ancestral, _one_per_step, stochastic=True),
+    "heun": SamplerMethod(sample_heun, _heun_nfe),
+    "dpmpp_2m": SamplerMethod(sample_dpmpp_2m, _one_per_step),
+    "dpmpp_2m_sde": SamplerMethod(sample_dpmpp_2m_sde, _one_per_step, stochastic=True),
+    "unipc": SamplerMethod(sample_unipc, _one_per_step),
+    "lms": SamplerMethod(sample_lms, _one_per_step),
+}
+
+
+def get_sampler_method(name: str) -> SamplerMethod:
+    """Look up a sampler by name; a ValueError names the valid choices."""
+    try:
+        return SAMPLERS[name]
+    except KeyError:
+        raise ValueError(f"Unknown sampler {name!r}; choose one of "
+                         f"{', '.join(sorted(SAMPLERS))}.") from None
+
+
+def _check_options(method: str, options: dict) -> None:
+    """Validate sampler options early (at config time) with messages naming the valid values."""
+    if "eta" in options:
+        _check_eta(options["eta"])
+    if method == "unipc":
+        _check_unipc_order(options.get("order", 2))
+    if method == "lms":
+        _check_lms_order(options.get("order", 4))
+
+
+def state_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype samplers keep x~ in: float64 (float32 on MPS, which has no float64).
+
+    At sigma~ ~ 100 a float32 x~ carries about 7 bits less than the x-space x_t = c_in x~ that
+    diffusers' schedulers integrate; float64 elementwise updates cost well under 1% of a net call.
+    """
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+class Sampler:
+    """A configured sampler: method + grid. Built by Hydra from ``configs/sampler/*.yaml``.
+
+    Args:
+        method: a key of :data:`SAMPLERS`.
+        num_steps: number of steps (grid intervals); NFE depends on the method (:attr:`nfe`).
+        spacing: grid spacing (see :mod:`diffsweep.grids`); ``auto`` = ``leading`` for discrete
+            schedules, ``karras`` for continuous ones.
+        rho: Karras grid exponent (``spacing=karras`` only).
+        steps_offset: added to ``leading`` discrete timesteps (Stable Diffusion uses 1).
+        **options: passed to the sampler function (e.g. ``eta``, ``s_churn``, ``order``).
+
+    Raises ValueError (naming the valid choices) for an unknown method or spacing, ``num_steps < 1``,
+    ``eta < 0``, a unipc order not in {2, 3} or an lms order < 1; grid errors (a discrete spacing
+    on a continuous schedule, more steps than training indices) surface in :meth:`sigmas`.
+    """
+
+    def __init__(self, method: str = "ddim", num_steps: int = 50, spacing: str = "auto",
+                 rho: float = 7.0, steps_offset: int = 0, **options) -> None:
+        self.method_name = method
+        self.method = get_sampler_method(method)
+        check_spacing(spacing)
+        if int(num_steps) != num_steps or num_steps < 1:
+            raise ValueError(f"num_steps must be an integer >= 1, got {num_steps}.")
+        _check_options(method, options)
+        self.num_steps = int(num_steps)
+        self.spacing = spacing
+        self.rho = rho
+        self.steps_offset = steps_offset
+        self.options = dict(options)
+
+    @property
+    def name(self) -> str:
+        """Short name for logs: ``<method>_<num_steps>``."""
+        return f"{self.method_name}_{self.num_steps}"
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per sample for this method and step count."""
+        return self.method.nfe(self.num_steps)
+
+    def sigmas(self, schedule: NoiseSchedule) -> Tensor:
+        """The float64 sigma~ grid (``num_steps + 1`` values, last 0) for ``schedule``."""
+        return sigma_grid(schedule, self.num_steps, self.spacing, self.rho, self.steps_offset)
+
+    def initial_noise(self, schedule: NoiseSchedule, shape: tuple[int, ...],
+                      generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+                      dtype: torch.dtype = torch.float32) -> Tensor:
+        """``x~_T``: standard normal noise (drawn in ``dtype``) scaled to the prior at ``sigmas[0]``."""
+        sigma_max = float(self.sigmas(schedule)[0])
+        noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        return noise * schedule.prior_std(sigma_max)
+
+    @torch.no_grad()
+    def __call__(self, denoiser: DenoiserFn, schedule: NoiseSchedule, shape: tuple[int, ...],
+                 generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> Tensor:
+        """Draw ``shape`` samples in ``dtype``; deterministic given ``generator``'s state.
+
+        The state x~ is held in :func:`state_dtype` (float64) between net calls; the net runs in
+        its own dtype (see :class:`diffsweep.denoiser.Denoiser`).
+        """
+        sigmas = self.sigmas(schedule)
+        noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        x = noise.to(state_dtype(device)) * schedule.prior_std(float(sigmas[0]))
+        x = self.method.fn(denoiser, x, sigmas, generator=generator, **self.options)
+        return x.to(dtype)
+
+    def __repr__(self) -> str:
+        opts = "".join(f", {k}={v}" for k, v in self.options.items())
+        return (f"Sampler({self.method_name!r}, num_steps={self.num_steps}, "
+                f"spacing={self.spacing!r}{opts})")

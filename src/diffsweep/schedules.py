@@ -1,0 +1,411 @@
+"""Noise schedules: ``x_t = alpha(t) * x0 + sigma(t) * eps``.
+
+Every schedule also exposes its *sigma-space* view (Karras et al. 2022): with
+``x~ = x_t / alpha`` and ``sigma~ = sigma / alpha`` every schedule reads ``x~ = x0 + sigma~ * eps``,
+so one sampler serves VP and VE alike. Throughout this package ``sigma`` in a sampler or a
+denoiser means ``sigma~``; ``alpha(t)`` / ``sigma(t)`` here are the schedule's own x-space terms.
+
+Tables and conversions are computed in float64; callers cast the results to the model's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "NoiseSchedule",
+    "DiscreteVPSchedule",
+    "ContinuousVPSchedule",
+    "VESchedule",
+    "EDMSchedule",
+    "discrete_betas",
+    "rescale_zero_terminal_snr",
+]
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def _as_float64(t: Tensor | float) -> Tensor:
+    return torch.as_tensor(t, dtype=torch.float64)
+
+
+class NoiseSchedule(ABC):
+    """A forward process ``x_t = alpha(t) x0 + sigma(t) eps`` and what the net is told about t.
+
+    Subclasses define the x-space ``alpha``/``sigma``, the inverse ``t_of_sigma`` of ``sigma~(t)``,
+    the training-time distribution of t (``sample_t``), and the noise conditioning ``c_noise``.
+    All tensor methods are elementwise over any shape.
+    """
+
+    #: True for schedules defined on a table of training indices 0..N-1 (DDPM-style).
+    discrete: bool = False
+    #: Length of the training table for discrete schedules, else None.
+    num_train_timesteps: int | None = None
+    #: Data standard deviation assumed by the input scaling ``c_in`` (EDM's sigma_data).
+    sigma_data: float = 1.0
+
+    @property
+    @abstractmethod
+    def t_min(self) -> float:
+        """Smallest t used for training and sampling."""
+
+    @property
+    @abstractmethod
+    def t_max(self) -> float:
+        """Largest t (the prior end)."""
+
+    @abstractmethod
+    def alpha(self, t: Tensor) -> Tensor:
+        """Signal scale alpha(t) (float64)."""
+
+    @abstractmethod
+    def sigma(self, t: Tensor) -> Tensor:
+        """Noise scale sigma(t) (float64), x-space."""
+
+    def sigma_tilde(self, t: Tensor) -> Tensor:
+        """Noise level in sigma-space, ``sigma(t) / alpha(t)`` (float64)."""
+        t = _as_float64(t)
+        return self.sigma(t) / self.alpha(t)
+
+    @abstractmethod
+    def t_of_sigma(self, sigma_tilde: Tensor) -> Tensor:
+        """Inverse of :meth:`sigma_tilde` (float64)."""
+
+    @abstractmethod
+    def sample_t(self, batch_size: int, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu") -> Tensor:
+        """Draw training times, shape ``(batch_size,)`` float64 on ``device``."""
+
+    @abstractmethod
+    def c_noise(self, t: Tensor) -> Tensor:
+        """What the network is told about the noise level at time t."""
+
+    @property
+    def sigma_min(self) -> float:
+        """Smallest sigma~ of the schedule (at ``t_min``)."""
+        return float(self.sigma_tilde(_as_float64(self.t_min)))
+
+    @property
+    def sigma_max(self) -> float:
+        """Largest sigma~ of the schedule (at ``t_max``)."""
+        return float(self.sigma_tilde(_as_float64(self.t_max)))
+
+    def c_in(self, sigma_tilde: Tensor) -> Tensor:
+        """Input scale so the net sees ``c_in * x~`` with about unit variance.
+
+        ``1 / sqrt(sigma~^2 + sigma_data^2)``; with ``sigma_data = 1`` (VP) this is alpha, so the
+        net sees exactly ``x_t``.
+        """
+        sigma_tilde = _as_float64(sigma_tilde)
+        return torch.rsqrt(sigma_tilde**2 + self.sigma_data**2)
+
+    def prior_std(self, sigma_tilde: float) -> float:
+        """Standard deviation of ``x~`` at noise level sigma~ under the prior the sampler starts from.
+
+        VP samplers start from ``x_T ~ N(0, I)``, i.e. ``x~ = x_T / alpha`` with std
+        ``sqrt(1 + sigma~^2)``; VE/EDM start from ``N(0, sigma_max^2 I)``.
+        """
+        return math.sqrt(1.0 + sigma_tilde**2)
+
+    def training_sigma_tilde(self, batch_size: int, generator: torch.Generator | None = None,
+                             device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+        """Draw ``(t, sigma~(t))`` for a training batch, both float64 of shape ``(batch_size,)``."""
+        t = self.sample_t(batch_size, generator=generator, device=device)
+        return t, self.sigma_tilde(t)
+
+
+# --------------------------------------------------------------------------- discrete VP
+
+
+def discrete_betas(beta_schedule: str, num_train_timesteps: int = 1000, beta_start: float = 1e-4,
+                   beta_end: float = 0.02) -> Tensor:
+    """The beta table of diffusers' ``DDPMScheduler`` for ``beta_schedule``, bit for bit.
+
+    diffusers builds these tables in float32 (``torch.linspace(..., dtype=float32)``; the cosine
+    betas in Python floats then cast); we reproduce that arithmetic exactly so that nets trained
+    with diffusers (and their reference numbers) plug in, and return float64 from there on.
+    """
+    n = num_train_timesteps
+    if beta_schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, n, dtype=torch.float32)
+    elif beta_schedule == "scaled_linear":
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
+    elif beta_schedule == "squaredcos_cap_v2":
+        def alpha_bar(time: float) -> float:
+            return math.cos((time + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        betas = torch.tensor(
+            [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)],
+            dtype=torch.float32,
+        )
+    else:
+        raise ValueError(
+            f"Unknown beta_schedule {beta_schedule!r}; choose one of {', '.join(BETA_SCHEDULES)}."
+        )
+    return betas
+
+
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Lin et al. 2023, Algorithm 1: shift and scale sqrt(alpha_bar) so the last one is exactly 0.
+
+    Same arithmetic (and dtype) as diffusers' ``rescale_zero_terminal_snr``.
+    """
+    alphas_bar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first = alphas_bar_sqrt[0].clone()
+    last = alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))
+    alphas_bar = alphas_bar_sqrt**2
+    alphas = alphas_bar[1:] / alphas_bar[:-1]
+    alphas = torch.cat([alphas_bar[0:1], alphas])
+    return 1 - alphas
+
+
+class DiscreteVPSchedule(NoiseSchedule):
+    """DDPM-style VP schedule on training indices ``n = 0..N-1``.
+
+    ``alpha(n) = sqrt(alphas_cumprod[n])``, ``sigma(n) = sqrt(1 - alphas_cumprod[n])``; training
+    draws n uniformly from the integers; the net is told ``c_noise = n``. Between table entries
+    ``sigma~(t)`` is interpolated linearly in sigma~ (as diffusers' ``set_timesteps`` does with
+    ``np.interp``) and ``t_of_sigma`` is its exact inverse, so fractional grids tell the net the
+    same fractional t diffusers' Euler-type schedulers pass.
+
+    Args:
+        beta_schedule: ``linear`` (DDPM), ``scaled_linear`` (Stable Diffusion) or
+            ``squaredcos_cap_v2`` (cosine, Nichol & Dhariwal).
+        num_train_timesteps: N.
+        beta_start, beta_end: ends of the linear schedules (ignored by cosine).
+        rescale_betas_zero_snr: rescale to zero terminal SNR (Lin et al. 2023). The last sigma~ is
+            then infinite; as diffusers does for its sigma-space samplers, it is evaluated with
+            ``alphas_cumprod[-1] = 2**-24``.
+    """
+
+    discrete = True
+
+    def __init__(self, beta_schedule: str = "linear", num_train_timesteps: int = 1000,
+                 beta_start: float = 1e-4, beta_end: float = 0.02,
+                 rescale_betas_zero_snr: bool = False) -> None:
+        if num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}.")
+        betas = discrete_betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
+        if rescale_betas_zero_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        self.beta_schedule = beta_schedule
+        self.num_train_timesteps = num_train_timesteps
+        self.rescale_betas_zero_snr = rescale_betas_zero_snr
+        self.betas = betas.to(torch.float64)
+        #: Exactly diffusers' ``alphas_cumprod`` (float32 arithmetic), held as float64.
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0).to(torch.float64)
+        alphas_cumprod = self.alphas_cumprod.clone()
+        if rescale_betas_zero_snr:
+            alphas_cumprod[-1] = 2.0**-24
+        #: sigma~ at each training index, increasing in n.
+        self.sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+        increasing = bool((self.sigmas[1:] > self.sigmas[:-1]).all())
+        self._monotone_len = num_train_timesteps if increasing else num_train_timesteps - 1
+
+    @property
+    def t_min(self) -> float:
+        return 0.0
+
+    @property
+    def t_max(self) -> float:
+        return float(self.num_train_timesteps - 1)
+
+    def sigma_tilde(self, t: Tensor) -> Tensor:
+        t = _as_float64(t).clamp(self.t_min, self.t_max)
+        low = t.floor().long().clamp(max=self.num_train_timesteps - 2)
+        weight = t - low
+        return (1 - weight) * self.sigmas[low] + weight * self.sigmas[low + 1]
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return torch.rsqrt(1 + self.sigma_tilde(t) ** 2)
+
+    def sigma(self, t: Tensor) -> Tensor:
+        sigma_tilde = self.sigma_tilde(t)
+        return sigma_tilde * torch.rsqrt(1 + sigma_tilde**2)
+
+    def t_of_sigma(self, sigma_tilde: Tensor) -> Tensor:
+        """Exact inverse of :meth:`sigma_tilde` (linear in sigma~ between table entries).
+
+        Table values map to their integer index exactly; sigma~ outside the table is clamped to
+        ``[0, N - 1]``. (diffusers' ``_sigma_to_t`` interpolates in log sigma~ instead; the two agree
+        on table entries and differ by < 0.05 index units in between (0.4 on the first interval of
+        the cosine table).) With zero terminal SNR the
+        table is not monotone at its end (sigma~[N-2] > sigma~[N-1] = 4096, as in diffusers):
+        the increasing part ``0..N-2`` is inverted and ``sigma~[N-1]`` itself maps to ``N - 1``.
+        """
+        sigma_tilde = _as_float64(sigma_tilde)
+        table = self.sigmas[: self._monotone_len]
+        clamped = sigma_tilde.clamp(float(table[0]), float(table[-1]))
+        high = torch.searchsorted(table, clamped.reshape(-1), right=False)
+        high = high.clamp(1, len(table) - 1).reshape(clamped.shape)
+        low = high - 1
+        low_sigma, high_sigma = table[low], table[high]
+        weight = ((clamped - low_sigma) / (high_sigma - low_sigma)).clamp(0, 1)
+        t = low.to(torch.float64) + weight
+        if self._monotone_len < self.num_train_timesteps:
+            t = torch.where(sigma_tilde == self.sigmas[-1], float(self.num_train_timesteps - 1), t)
+        return t
+
+    def sample_t(self, batch_size: int, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu") -> Tensor:
+        n = torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator,
+                          device=generator.device if generator is not None else device)
+        return n.to(device=device, dtype=torch.float64)
+
+    def c_noise(self, t: Tensor) -> Tensor:
+        return _as_float64(t)
+
+    def __repr__(self) -> str:
+        return (f"DiscreteVPSchedule({self.beta_schedule!r}, N={self.num_train_timesteps}, "
+                f"zero_snr={self.rescale_betas_zero_snr})")
+
+
+# --------------------------------------------------------------------------- continuous
+
+
+def _uniform(batch_size: int, low: float, high: float, generator: torch.Generator | None,
+             device: torch.device | str) -> Tensor:
+    u = torch.rand(batch_size, generator=generator, dtype=torch.float64,
+                   device=generator.device if generator is not None else device)
+    return (low + (high - low) * u).to(device)
+
+
+class ContinuousVPSchedule(NoiseSchedule):
+    """Song et al.'s VP SDE: ``alpha(t) = exp(-t^2 (b1 - b0)/4 - t b0/2)``, ``sigma = sqrt(1 - alpha^2)``.
+
+    Training t ~ U[eps_t, 1]; the net is told ``c_noise = (N - 1) t`` (999 t for N = 1000).
+    """
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, eps_t: float = 1e-3,
+                 num_train_timesteps: int = 1000) -> None:
+        if not 0 < eps_t < 1:
+            raise ValueError(f"eps_t must lie in (0, 1), got {eps_t}.")
+        self.beta_min, self.beta_max, self.eps_t = beta_min, beta_max, eps_t
+        self.c_noise_scale = num_train_timesteps - 1
+
+    @property
+    def t_min(self) -> float:
+        return self.eps_t
+
+    @property
+    def t_max(self) -> float:
+        return 1.0
+
+    def _log_alpha(self, t: Tensor) -> Tensor:
+        t = _as_float64(t)
+        return -(t**2) * (self.beta_max - self.beta_min) / 4 - t * self.beta_min / 2
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return self._log_alpha(t).exp()
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return (-torch.expm1(2 * self._log_alpha(t))).sqrt()
+
+    def sigma_tilde(self, t: Tensor) -> Tensor:
+        return torch.expm1(-2 * self._log_alpha(t)).sqrt()
+
+    def t_of_sigma(self, sigma_tilde: Tensor) -> Tensor:
+        # log(1 + sigma~^2) = -2 log alpha = t^2 (b1 - b0)/2 + t b0: solve the quadratic for t >= 0.
+        rhs = torch.log1p(_as_float64(sigma_tilde) ** 2)
+        quad = (self.beta_max - self.beta_min) / 2
+        if quad == 0:
+            return rhs / self.beta_min
+        return (-self.beta_min + (self.beta_min**2 + 4 * quad * rhs).sqrt()) / (2 * quad)
+
+    def sample_t(self, batch_size: int, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu") -> Tensor:
+        return _uniform(batch_size, self.eps_t, 1.0, generator, device)
+
+    def c_noise(self, t: Tensor) -> Tensor:
+        return self.c_noise_scale * _as_float64(t)
+
+
+class VESchedule(NoiseSchedule):
+    """Song et al.'s VE SDE: ``alpha = 1``, ``sigma(t) = sigma_min (sigma_max / sigma_min)^t``.
+
+    Training t ~ U[eps_t, 1]; the net is told ``c_noise = log(sigma) / 4``; the input is scaled by
+    ``1 / sqrt(sigma^2 + sigma_data^2)`` (EDM's c_in).
+    """
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, eps_t: float = 1e-5,
+                 sigma_data: float = 0.5) -> None:
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"Need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}.")
+        self._sigma_min, self._sigma_max, self.eps_t = sigma_min, sigma_max, eps_t
+        self.sigma_data = sigma_data
+        self._log_ratio = math.log(sigma_max / sigma_min)
+
+    @property
+    def t_min(self) -> float:
+        return self.eps_t
+
+    @property
+    def t_max(self) -> float:
+        return 1.0
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return torch.ones_like(_as_float64(t))
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return self._sigma_min * torch.exp(_as_float64(t) * self._log_ratio)
+
+    def t_of_sigma(self, sigma_tilde: Tensor) -> Tensor:
+        return torch.log(_as_float64(sigma_tilde) / self._sigma_min) / self._log_ratio
+
+    def sample_t(self, batch_size: int, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu") -> Tensor:
+        return _uniform(batch_size, self.eps_t, 1.0, generator, device)
+
+    def c_noise(self, t: Tensor) -> Tensor:
+        return self.sigma(t).log() / 4
+
+    def prior_std(self, sigma_tilde: float) -> float:
+        return sigma_tilde
+
+
+class EDMSchedule(NoiseSchedule):
+    """Karras et al. 2022: ``alpha = 1``, ``sigma(t) = t``; training ``ln sigma ~ N(P_mean, P_std^2)``.
+
+    The net is told ``c_noise = log(sigma) / 4`` and sees ``x / sqrt(sigma^2 + sigma_data^2)``.
+    """
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, p_mean: float = -1.2,
+                 p_std: float = 1.2, sigma_data: float = 0.5) -> None:
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"Need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}.")
+        self._sigma_min, self._sigma_max = sigma_min, sigma_max
+        self.p_mean, self.p_std, self.sigma_data = p_mean, p_std, sigma_data
+
+    @property
+    def t_min(self) -> float:
+        return self._sigma_min
+
+    @property
+    def t_max(self) -> float:
+        return self._sigma_max
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return torch.ones_like(_as_float64(t))
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return _as_float64(t)
+
+    def t_of_sigma(self, sigma_tilde: Tensor) -> Tensor:
+        return _as_float64(sigma_tilde)
+
+    def sample_t(self, batch_size: int, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu") -> Tensor:
+        normal = torch.randn(batch_size, generator=generator, dtype=torch.float64,
+                             device=generator.device if generator is not None else device)
+        return (self.p_mean + self.p_std * normal).exp().to(device)
+
+    def c_noise(self, t: Tensor) -> Tensor:
+        return _as_float64(t).log() / 4
+
+    def prior_std(self, sigma_tilde: float) -> float:
+        return sigma_tilde

@@ -1,0 +1,73 @@
+"""``run(cfg)`` behind ``train.py``: build data, model, schedule, sampler, callbacks, loggers; fit."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from diffsweep.callbacks.ema import EMA
+from diffsweep.checkpoints import build_module_from_config, check_compatible, read_checkpoint
+from diffsweep.hydra_utils import instantiate_dict, print_config_tree, run_config_dict
+from diffsweep.module import DiffusionModule, count_parameters
+
+log = logging.getLogger(__name__)
+
+
+def build_module(cfg: DictConfig, image_shape: tuple[int, int, int]) -> DiffusionModule:
+    """The DiffusionModule for ``cfg``; the resolved config (and image shape) goes into checkpoints."""
+    config = run_config_dict(cfg)
+    config["image_shape"] = list(image_shape)
+    return build_module_from_config(config)
+
+
+def order_callbacks(callbacks: list[L.Callback]) -> list[L.Callback]:
+    """EMA first: its ``on_train_end`` must copy the averaged weights before others sample."""
+    return sorted(callbacks, key=lambda cb: not isinstance(cb, EMA))
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train one configuration; returns the final callback metrics as floats."""
+    output_dir = Path(cfg.paths.output_dir)
+    print_config_tree(cfg, save_to=output_dir / "config_tree.log")
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
+
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg, datamodule.image_shape)
+    log.info("Model: %s with %.2fM parameters; schedule %s; sampler %s",
+             type(module.net).__name__, count_parameters(module.net) / 1e6, module.schedule,
+             module.sampler)
+
+    callbacks = order_callbacks(instantiate_dict(cfg.get("callbacks"), "callbacks")
+                                + instantiate_dict(cfg.get("metrics"), "metrics"))
+    loggers = instantiate_dict(cfg.get("logger"), "logger")
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(module.config)
+
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path:
+        stored = read_checkpoint(ckpt_path).get("diffsweep_config")
+        if stored is not None:
+            check_compatible(stored, cfg)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    log.info("Run directory: %s", output_dir)
+    _finish_loggers(loggers)
+    return metrics
+
+
+def _finish_loggers(loggers: list[Any]) -> None:
+    """Close W&B runs so the next multirun job starts a fresh one."""
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            wandb.finish()

@@ -1,0 +1,161 @@
+"""Sigma~ grids vs diffusers' ``set_timesteps`` (diffusers: dev dependency), and bad grid input.
+
+Tolerances: diffusers holds sigmas in float32 (computed from float32 tables); we compute in float64
+from the same table, so sigma grids agree to float32 rounding (rtol 1e-6); timesteps exactly.
+
+Deliberate differences from diffusers:
+
+- ``linspace`` is DDIM/DDPM's (rounded indices); the Euler family's unrounded ``linspace`` is our
+  ``linspace_frac``.
+- DPM-Solver++/UniPC's ``leading``/``linspace`` (``num_steps + 1`` points, last dropped) are not
+  reproduced; their ``trailing`` equals ours.
+- ``karras`` uses the schedule's sigma_min/sigma_max (table ends for discrete schedules), which is
+  what ``EulerDiscreteScheduler(use_karras_sigmas=True)`` uses with its default ``linspace``
+  spacing; with ``leading``/``trailing`` diffusers takes the ends of that spacing's grid instead.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from diffsweep.grids import SPACINGS, discrete_timesteps, resolve_spacing, sigma_grid
+from diffsweep.samplers import Sampler
+from diffsweep.schedules import (ContinuousVPSchedule, DiscreteVPSchedule, EDMSchedule,
+                                 VESchedule)
+
+diffusers = pytest.importorskip("diffusers")
+
+SCHEDULES = {
+    "linear": dict(beta_schedule="linear"),
+    "scaled_linear": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+    "squaredcos_cap_v2": dict(beta_schedule="squaredcos_cap_v2"),
+}
+RTOL = 1e-6
+
+
+@pytest.mark.parametrize("spacing,steps_offset", [("leading", 0), ("leading", 1), ("trailing", 0),
+                                                   ("linspace", 0)])
+@pytest.mark.parametrize("num_steps", [1, 7, 20, 50, 999, 1000])
+def test_discrete_timesteps_equal_ddim(spacing, num_steps, steps_offset):
+    if steps_offset and num_steps == 1000:
+        num_steps = 500  # leading + offset 1 with N steps would reach index N (in diffusers too)
+    ref = diffusers.DDIMScheduler(timestep_spacing=spacing, steps_offset=steps_offset)
+    ref.set_timesteps(num_steps)
+    ours = discrete_timesteps(1000, num_steps, spacing, steps_offset)
+    assert ours.tolist() == ref.timesteps.tolist()
+
+
+def test_ddim_50_leading_grid():
+    timesteps = discrete_timesteps(1000, 50, "leading")
+    assert timesteps.tolist() == list(range(980, -1, -20))
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace_frac"])
+@pytest.mark.parametrize("num_steps", [10, 15, 50])
+def test_sigma_grid_equals_euler_discrete(name, spacing, num_steps):
+    ref = diffusers.EulerDiscreteScheduler(
+        **SCHEDULES[name], timestep_spacing="linspace" if spacing == "linspace_frac" else spacing)
+    ref.set_timesteps(num_steps)
+    ours = sigma_grid(DiscreteVPSchedule(**SCHEDULES[name]), num_steps, spacing)
+    np.testing.assert_allclose(ours.numpy(), ref.sigmas.double().numpy(), rtol=RTOL, atol=0)
+    assert ours[-1] == 0
+
+
+def test_stable_diffusion_15_step_grid_starts_at_14_6146():
+    """SD (scaled_linear) with EulerDiscreteScheduler's default ``linspace`` starts at sigma~(999).
+
+    That is our ``linspace_frac`` (and ``linspace``/``trailing``, which also start at index 999);
+    ``leading`` with SD's steps_offset=1 starts at index 925 instead.
+    """
+    schedule = DiscreteVPSchedule(**SCHEDULES["scaled_linear"])
+    ref = diffusers.EulerDiscreteScheduler(**SCHEDULES["scaled_linear"])  # default: linspace
+    ref.set_timesteps(15)
+    ours = sigma_grid(schedule, 15, "linspace_frac")
+    assert round(float(ours[0]), 4) == 14.6146
+    np.testing.assert_allclose(ours.numpy(), ref.sigmas.double().numpy(), rtol=RTOL, atol=0)
+    for spacing in ("linspace", "trailing"):
+        assert round(float(sigma_grid(schedule, 15, spacing)[0]), 4) == 14.6146
+    leading = sigma_grid(schedule, 15, "leading", steps_offset=1)
+    assert float(leading[0]) == pytest.approx(float(schedule.sigma_tilde(torch.tensor(925.0))))
+    assert float(leading[0]) < 10
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+@pytest.mark.parametrize("num_steps", [5, 25])
+def test_karras_equals_euler_discrete_karras(name, num_steps):
+    ref = diffusers.EulerDiscreteScheduler(**SCHEDULES[name], use_karras_sigmas=True)
+    ref.set_timesteps(num_steps)
+    ours = sigma_grid(DiscreteVPSchedule(**SCHEDULES[name]), num_steps, "karras")
+    np.testing.assert_allclose(ours.numpy(), ref.sigmas.double().numpy(), rtol=RTOL, atol=0)
+
+
+def test_zero_snr_grid_equals_euler_discrete():
+    kwargs = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                  rescale_betas_zero_snr=True)
+    ref = diffusers.EulerDiscreteScheduler(**kwargs, timestep_spacing="trailing")
+    ref.set_timesteps(20)
+    ours = sigma_grid(DiscreteVPSchedule(**kwargs), 20, "trailing")
+    np.testing.assert_allclose(ours.numpy(), ref.sigmas.double().numpy(), rtol=RTOL, atol=0)
+    assert float(ours[0]) == pytest.approx(4096.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("schedule", [DiscreteVPSchedule(), ContinuousVPSchedule(), VESchedule(),
+                                      EDMSchedule()], ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize("spacing", ["karras", "uniform_t", "log_snr", "auto"])
+def test_grids_decrease_to_zero_within_schedule_range(schedule, spacing):
+    sigmas = sigma_grid(schedule, 12, spacing)
+    assert sigmas.dtype == torch.float64 and sigmas.shape == (13,)
+    assert (sigmas[:-1] > sigmas[1:]).all() and sigmas[-1] == 0
+    if spacing == "auto" and schedule.discrete:  # leading: starts at index 11 * (1000 // 12)
+        return
+    assert float(sigmas[0]) == pytest.approx(schedule.sigma_max, rel=1e-9)
+    assert float(sigmas[-2]) == pytest.approx(schedule.sigma_min, rel=1e-9)
+
+
+def test_auto_spacing_is_leading_for_discrete_and_karras_for_continuous():
+    assert resolve_spacing(DiscreteVPSchedule(), "auto") == "leading"
+    for schedule in (ContinuousVPSchedule(), VESchedule(), EDMSchedule()):
+        assert resolve_spacing(schedule, "auto") == "karras"
+    assert torch.equal(Sampler("euler", 10).sigmas(EDMSchedule()),
+                       sigma_grid(EDMSchedule(), 10, "karras"))
+    assert torch.equal(Sampler("euler", 10).sigmas(DiscreteVPSchedule()),
+                       sigma_grid(DiscreteVPSchedule(), 10, "leading"))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_unknown_spacing_names_choices():
+    with pytest.raises(ValueError, match="leading.*karras"):
+        sigma_grid(DiscreteVPSchedule(), 10, "quadratic")
+    with pytest.raises(ValueError, match="auto"):
+        Sampler("euler", 10, "quadratic")
+
+
+@pytest.mark.parametrize("num_steps", [0, -3])
+def test_num_steps_below_one(num_steps):
+    with pytest.raises(ValueError, match=">= 1"):
+        sigma_grid(DiscreteVPSchedule(), num_steps, "leading")
+    with pytest.raises(ValueError, match=">= 1"):
+        Sampler("euler", num_steps)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace", "linspace_frac"])
+def test_more_steps_than_training_indices(spacing):
+    with pytest.raises(ValueError, match="1000 training indices.*karras"):
+        sigma_grid(DiscreteVPSchedule(), 1001, spacing)
+
+
+@pytest.mark.parametrize("schedule", [ContinuousVPSchedule(), VESchedule(), EDMSchedule()],
+                         ids=lambda s: type(s).__name__)
+def test_discrete_spacing_on_continuous_schedule(schedule):
+    with pytest.raises(ValueError, match="discrete schedule.*karras, uniform_t, log_snr"):
+        Sampler("euler", 10, "trailing").sigmas(schedule)
+
+
+def test_spacings_listed():
+    assert set(SPACINGS) == {"auto", "leading", "trailing", "linspace", "linspace_frac", "karras",
+                             "uniform_t", "log_snr"}

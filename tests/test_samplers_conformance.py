@@ -1,0 +1,288 @@
+"""Conformance of the sigma-space samplers with diffusers' schedulers (diffusers: dev dependency).
+
+Each test runs the same fixed, deterministic network through a diffusers scheduler loop and through
+our sampler, from the same starting point, and compares the outputs (order 1) to ``ATOL``.
+
+How the two sides are lined up (none of this is a difference in the math):
+
+- Starting point. diffusers multiplies its noise by ``init_noise_sigma``: 1 for DDIM/DDPM/DPM/UniPC
+  (x-space), and for the Euler family ``sigma_max`` (``linspace``/``trailing``) or
+  ``sqrt(sigma_max^2 + 1)`` (``leading``). We start VP sampling from the exact prior,
+  ``x~_T = x_T / alpha_T`` with std ``sqrt(1 + sigma~_max^2)``. Here both sides get the same
+  ``x_T``: ``x~_T = x_T * sqrt(1 + sigma~_max^2)`` for us, ``x_T`` (x-space schedulers) or
+  ``x~_T`` (Euler-family schedulers, which work in x~) for diffusers.
+- Net inputs. diffusers calls ``scale_model_input`` and passes the (possibly fractional) timestep;
+  our denoiser feeds ``c_in * x~`` and ``c_noise(t_of_sigma(sigma~))``. For VP both are ``x_t`` and
+  the same t (``t_of_sigma`` inverts the table's linear interpolation exactly).
+- Grids. DPM-Solver++ and UniPC build ``leading``/``linspace`` from ``num_steps + 1`` points and
+  drop the last; our ``leading``/``linspace`` are DDIM's. We compare them on ``trailing`` (identical
+  in all schedulers) and via custom timesteps. DDIM steps to ``t - N // n``, which equals the next
+  grid point only when n divides N: DDIM conformance uses such n.
+
+Deliberate differences from diffusers (not exercised by the asserts):
+
+- the initial noise scale above (diffusers' Euler family uses ``sigma_max``, not the VP prior
+  std ``sqrt(1 + sigma_max^2)``, for ``linspace``/``trailing``);
+- ``t_of_sigma`` for fractional indices (karras grids) inverts the linear-in-sigma table
+  interpolation; diffusers' ``_sigma_to_t`` interpolates in log sigma (< 0.05 index units apart;
+  0.4 on the cosine table's first interval).
+- our sampler state is float64 (diffusers: float32 x-space), so ours is the more accurate side.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+diffusers = pytest.importorskip("diffusers")
+
+from diffsweep.denoiser import Denoiser  # noqa: E402
+from diffsweep.samplers import SAMPLERS, Sampler  # noqa: E402
+from diffsweep.schedules import DiscreteVPSchedule  # noqa: E402
+
+ATOL = 1e-5
+SHAPE = (2, 3, 8, 8)
+
+
+class FixedNet(nn.Module):
+    """A fixed eps-network that behaves like a denoiser for unit-variance data.
+
+    ``eps = s x_t + 0.3 a tanh(W x_t + cos(t / 300))`` with ``a = sqrt(abar(t))``, ``s = sqrt(1 -
+    abar(t))`` read from the linear beta table at the (possibly fractional) t, and a seeded channel
+    mixing W. Then ``x0_hat = a x_t - 0.3 s tanh(...)`` stays of order 1 at every noise level.
+    """
+
+    def __init__(self, channels: int = 3) -> None:
+        super().__init__()
+        weight = torch.randn(channels, channels, generator=torch.Generator().manual_seed(0))
+        self.register_buffer("weight", weight / math.sqrt(channels))
+        self.register_buffer("abar", DiscreteVPSchedule("linear").alphas_cumprod.float())
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1, 1, 1, 1)
+        low = t.floor().long().clamp(0, len(self.abar) - 2)
+        abar = torch.lerp(self.abar[low], self.abar[low + 1], t - low)
+        mix = torch.einsum("bchw,cd->bdhw", x, self.weight)
+        return (1 - abar).sqrt() * x + 0.3 * abar.sqrt() * torch.tanh(mix + torch.cos(t / 300.0))
+
+
+def _x_T(seed: int = 0) -> torch.Tensor:
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
+
+
+def _diffusers_loop(scheduler, net: nn.Module, sample: torch.Tensor, **step_kwargs) -> torch.Tensor:
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(sample, t)
+        sample = scheduler.step(net(model_input, t), t, sample, **step_kwargs).prev_sample
+    return sample
+
+
+def _ours(method: str, schedule, sigmas: torch.Tensor, x_T: torch.Tensor, net: nn.Module,
+          **options) -> torch.Tensor:
+    x = x_T.to(torch.float64) * math.sqrt(1 + float(sigmas[0]) ** 2)
+    return SAMPLERS[method].fn(Denoiser(net, schedule), x, sigmas, **options).to(torch.float32)
+
+
+def _sched_kwargs(beta_schedule: str) -> dict:
+    if beta_schedule == "scaled_linear":
+        return dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    return dict(beta_schedule=beta_schedule)
+
+
+def _schedule(beta_schedule: str) -> DiscreteVPSchedule:
+    return DiscreteVPSchedule(**_sched_kwargs(beta_schedule))
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.abs().max() > 0.1, "outputs should be of order 1"
+    return float((a - b).abs().max())
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("spacing,steps_offset", [("leading", 0), ("leading", 1), ("trailing", 0)])
+def test_ddim_matches_diffusers(beta_schedule, spacing, steps_offset):
+    net, x_T = FixedNet(), _x_T()
+    ref = diffusers.DDIMScheduler(**_sched_kwargs(beta_schedule), clip_sample=False,
+                                  timestep_spacing=spacing, steps_offset=steps_offset)
+    ref.set_timesteps(50)
+    expected = _diffusers_loop(ref, net, x_T)
+    sampler = Sampler("ddim", 50, spacing, steps_offset=steps_offset)
+    schedule = _schedule(beta_schedule)
+    got = _ours("ddim", schedule, sampler.sigmas(schedule), x_T, net)
+    assert _max_diff(got, expected) < ATOL
+
+
+def test_ddpm_matches_diffusers_same_generator():
+    net, x_T = FixedNet(), _x_T()
+    ref = diffusers.DDPMScheduler(clip_sample=False, variance_type="fixed_small")
+    ref.set_timesteps(25)
+    expected = _diffusers_loop(ref, net, x_T, generator=torch.Generator().manual_seed(7))
+    schedule = _schedule("linear")
+    sigmas = Sampler("ddpm", 25, "leading").sigmas(schedule)
+    got = _ours("ddpm", schedule, sigmas, x_T, net, generator=torch.Generator().manual_seed(7))
+    assert _max_diff(got, expected) < ATOL
+
+
+EULER_FAMILY = {
+    "euler": (diffusers.EulerDiscreteScheduler, {}),
+    "heun": (diffusers.HeunDiscreteScheduler, {}),
+    "lms": (diffusers.LMSDiscreteScheduler, {}),
+}
+
+
+@pytest.mark.parametrize("method", sorted(EULER_FAMILY))
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace_frac"])
+def test_euler_family_matches_diffusers(method, spacing):
+    net, x_T = FixedNet(), _x_T(1)
+    cls, kwargs = EULER_FAMILY[method]
+    diffusers_spacing = "linspace" if spacing == "linspace_frac" else spacing
+    ref = cls(**_sched_kwargs("scaled_linear"), timestep_spacing=diffusers_spacing, **kwargs)
+    ref.set_timesteps(15)
+    schedule = _schedule("scaled_linear")
+    sigmas = Sampler(method, 15, spacing).sigmas(schedule)
+    start = x_T * math.sqrt(1 + float(sigmas[0]) ** 2)  # x~_T; the Euler family works in x~
+    expected = _diffusers_loop(ref, net, start)
+    got = _ours(method, schedule, sigmas, x_T, net)
+    assert _max_diff(got, expected) < ATOL
+
+
+def test_euler_ancestral_matches_diffusers_same_generator():
+    net, x_T = FixedNet(), _x_T(2)
+    ref = diffusers.EulerAncestralDiscreteScheduler(timestep_spacing="trailing")
+    ref.set_timesteps(20)
+    schedule = _schedule("linear")
+    sigmas = Sampler("euler_ancestral", 20, "trailing").sigmas(schedule)
+    start = x_T * math.sqrt(1 + float(sigmas[0]) ** 2)
+    expected = _diffusers_loop(ref, net, start, generator=torch.Generator().manual_seed(3))
+    got = _ours("euler_ancestral", schedule, sigmas, x_T, net,
+                generator=torch.Generator().manual_seed(3))
+    assert _max_diff(got, expected) < ATOL
+
+
+@pytest.mark.parametrize("num_steps", [10, 20])
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear"])
+def test_dpmpp_2m_matches_diffusers(beta_schedule, num_steps):
+    net, x_T = FixedNet(), _x_T(3)
+    ref = diffusers.DPMSolverMultistepScheduler(**_sched_kwargs(beta_schedule),
+                                                timestep_spacing="trailing")
+    ref.set_timesteps(num_steps)
+    expected = _diffusers_loop(ref, net, x_T)
+    schedule = _schedule(beta_schedule)
+    got = _ours("dpmpp_2m", schedule, Sampler("dpmpp_2m", num_steps, "trailing").sigmas(schedule),
+                x_T, net)
+    assert _max_diff(got, expected) < ATOL
+
+
+def test_dpmpp_2m_matches_diffusers_custom_leading_timesteps():
+    """Our (DDIM) ``leading`` grid fed to diffusers as custom timesteps; lower_order_final=False
+    still takes a first-order last step because ``final_sigmas_type='zero'``."""
+    net, x_T = FixedNet(), _x_T(4)
+    schedule = _schedule("linear")
+    sampler = Sampler("dpmpp_2m", 25, "leading")
+    sigmas = sampler.sigmas(schedule)
+    timesteps = schedule.t_of_sigma(sigmas[:-1]).round().long().tolist()
+    ref = diffusers.DPMSolverMultistepScheduler(lower_order_final=False)
+    ref.set_timesteps(timesteps=timesteps)
+    expected = _diffusers_loop(ref, net, x_T)
+    got = _ours("dpmpp_2m", schedule, sigmas, x_T, net)
+    assert _max_diff(got, expected) < ATOL
+
+
+def test_dpmpp_2m_sde_matches_diffusers_same_generator():
+    net, x_T = FixedNet(), _x_T(5)
+    ref = diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++",
+                                                timestep_spacing="trailing")
+    ref.set_timesteps(20)
+    expected = _diffusers_loop(ref, net, x_T, generator=torch.Generator().manual_seed(11))
+    schedule = _schedule("linear")
+    sigmas = Sampler("dpmpp_2m_sde", 20, "trailing").sigmas(schedule)
+    got = _ours("dpmpp_2m_sde", schedule, sigmas, x_T, net,
+                generator=torch.Generator().manual_seed(11))
+    assert _max_diff(got, expected) < ATOL
+
+
+@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize("num_steps", [6, 20])
+def test_unipc_matches_diffusers(order, num_steps):
+    net, x_T = FixedNet(), _x_T(6)
+    ref = diffusers.UniPCMultistepScheduler(solver_order=order, timestep_spacing="trailing")
+    ref.set_timesteps(num_steps)
+    expected = _diffusers_loop(ref, net, x_T)
+    schedule = _schedule("linear")
+    sigmas = Sampler("unipc", num_steps, "trailing", order=order).sigmas(schedule)
+    got = _ours("unipc", schedule, sigmas, x_T, net, order=order)
+    assert _max_diff(got, expected) < ATOL
+
+
+@pytest.mark.parametrize("method", sorted(SAMPLERS))
+def test_sampler_call_is_deterministic_and_in_model_dtype(method):
+    schedule = _schedule("linear")
+    denoiser = Denoiser(FixedNet(), schedule)
+    sampler = Sampler(method, 8, "trailing")
+
+    def run() -> torch.Tensor:
+        return sampler(denoiser, schedule, SHAPE, generator=torch.Generator().manual_seed(0))
+
+    first, second = run(), run()
+    assert first.dtype == torch.float32 and first.shape == SHAPE
+    assert torch.equal(first, second)
+    assert torch.isfinite(first).all()
+
+
+@pytest.mark.parametrize("method,nfe", [("ddim", 10), ("ddpm", 10), ("euler", 10),
+                                        ("euler_ancestral", 10), ("heun", 19), ("dpmpp_2m", 10),
+                                        ("dpmpp_2m_sde", 10), ("unipc", 10), ("lms", 10)])
+def test_nfe_counts_network_calls(method, nfe):
+    schedule = _schedule("linear")
+    net = FixedNet()
+    calls = []
+    net.register_forward_hook(lambda *args: calls.append(1))
+    sampler = Sampler(method, 10, "trailing")
+    sampler(Denoiser(net, schedule), schedule, SHAPE, generator=torch.Generator().manual_seed(0))
+    assert sampler.nfe == nfe == len(calls)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_unknown_sampler_names_choices():
+    with pytest.raises(ValueError, match="ddim.*dpmpp_2m.*unipc"):
+        Sampler("plms", 10)
+
+
+@pytest.mark.parametrize("method", ["ddim", "ddpm", "euler_ancestral", "dpmpp_2m_sde"])
+def test_negative_eta(method):
+    with pytest.raises(ValueError, match="eta must be >= 0"):
+        Sampler(method, 10, eta=-0.1)
+
+
+@pytest.mark.parametrize("order", [1, 4])
+def test_unipc_order(order):
+    with pytest.raises(ValueError, match="order must be one of 2, 3"):
+        Sampler("unipc", 10, order=order)
+
+
+def test_lms_order():
+    with pytest.raises(ValueError, match="integer >= 1"):
+        Sampler("lms", 10, order=0)
+
+
+def test_zero_snr_euler_trailing_matches_diffusers():
+    """Zero terminal SNR: sigma~_max = 4096 (diffusers' 2**-24 stand-in), told t = 999.
+
+    Tolerance 5e-5 (measured 2e-5): at sigma~ = 4096, one float32 ulp of the net's input or output
+    moves ``x0_hat = x~ - sigma~ eps`` by ~4096 * 6e-8 = 2.4e-4 on the first step, on either side
+    (with diffusers' state in float64 the difference is 8e-6).
+    """
+    kwargs = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                  rescale_betas_zero_snr=True)
+    net, x_T = FixedNet(), _x_T(8)
+    ref = diffusers.EulerDiscreteScheduler(**kwargs, timestep_spacing="trailing")
+    ref.set_timesteps(10)
+    schedule = DiscreteVPSchedule(**kwargs)
+    sigmas = Sampler("euler", 10, "trailing").sigmas(schedule)
+    expected = _diffusers_loop(ref, net, x_T * math.sqrt(1 + float(sigmas[0]) ** 2))
+    assert _max_diff(_ours("euler", schedule, sigmas, x_T, net), expected) < 5e-5

@@ -7,8 +7,12 @@ Examples::
     python train.py -m scheduler=linear,cosine,ve     # a sweep
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
+
+from diffsweep.hydra_utils import multirun_flag_first
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
@@ -20,4 +24,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv = multirun_flag_first(sys.argv)
     main()

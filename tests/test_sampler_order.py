@@ -30,7 +30,17 @@ from diffsweep.grids import sigma_grid
 from diffsweep.samplers import SAMPLERS
 from diffsweep.schedules import DiscreteVPSchedule, EDMSchedule, NoiseSchedule
 
-#: Two anisotropic-ish overlapping modes: a nonlinear denoiser with a smooth flow, so the
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors: intra-op threads only add overhead (and thrash on a loaded 2-core box)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+#: Two overlapping modes of different widths: a nonlinear denoiser with a smooth flow, so the
 #: asymptotic regime starts at a few tens of steps.
 MIXTURE = GaussianMixture(torch.tensor([0.3, 0.7]), torch.tensor([[-1.0, 0.5], [1.0, -0.5]]),
                           torch.tensor([0.25, 0.5]))

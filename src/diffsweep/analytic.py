@@ -327,7 +327,7 @@ def mmd_to_mixture(samples: Tensor, mixture: GaussianMixture, bandwidth: float) 
     # E_q k(x, x'), x != x'
     kxx = torch.cdist(x, x)  # (n, n), overwritten in place by the kernel values
     kxx.square_().mul_(-0.5 / h2).exp_()
-    term_qq = (kxx.sum() - n) / (n * (n - 1))  # the diagonal is exactly exp(0) = 1
+    term_qq = (kxx.sum() - n) / (n * (n - 1))  # drop the diagonal, k(x, x) = 1
     # E_{y~p} k(x, y) = sum_k w_k prod_j sqrt(h2 / (h2 + v_kj)) exp(-(x_j - mu_kj)^2 / (2 (h2 + v_kj)))
     var = mixture.variances[None] + h2
     log_terms = (0.5 * torch.log(h2 / var) - (x[:, None, :] - mixture.means[None]) ** 2

@@ -15,6 +15,24 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
+
+def _exact_div(numerator: Any, denominator: Any) -> int:
+    numerator, denominator = int(numerator), int(denominator)
+    if denominator <= 0 or numerator % denominator:
+        raise ValueError(f"${{diffsweep.div:{numerator},{denominator}}}: {numerator} is not a "
+                         f"positive multiple of {denominator}.")
+    return numerator // denominator
+
+
+def register_resolvers() -> None:
+    """Register ``${diffsweep.div:a,b}`` (exact integer division; the latent resolution is the
+    image resolution over the VAE's down-sampling). Idempotent; runs when this module is imported."""
+    if not OmegaConf.has_resolver("diffsweep.div"):
+        OmegaConf.register_new_resolver("diffsweep.div", _exact_div)
+
+
+register_resolvers()
+
 PRINT_ORDER = ("data", "model", "scheduler", "sampler", "module", "trainer", "callbacks",
                "metrics", "logger", "paths", "seed", "ckpt_path")
 
@@ -60,3 +78,25 @@ def run_config_dict(cfg: DictConfig) -> dict[str, Any]:
     return {key: (OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value)
                   else value)
             for key, value in cfg.items() if key != "hydra"}
+
+
+def hydra_choices() -> dict[str, str]:
+    """The config-group choices of the running Hydra job (``{"scheduler": "cosine", ...}``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    choices = HydraConfig.get().runtime.choices
+    return {str(group): str(choice) for group, choice in choices.items()
+            if not str(group).startswith("hydra")}
+
+
+def multirun_flag_first(argv: list[str]) -> list[str]:
+    """Move ``-m``/``--multirun`` before the overrides.
+
+    Hydra's argparse cannot take overrides on both sides of the flag
+    (``python evaluate.py ckpt_path=x -m sampler=a,b`` fails with "unrecognized arguments").
+    """
+    flags = [arg for arg in argv[1:] if arg in ("-m", "--multirun")]
+    rest = [arg for arg in argv[1:] if arg not in ("-m", "--multirun")]
+    return [argv[0], *flags, *rest]

@@ -190,16 +190,18 @@ class _LabelledDenoiser:
 def _sample_on_device(sampler: Sampler, denoiser: Any, schedule: NoiseSchedule,
                       shape: tuple[int, ...], generator: torch.Generator | None,
                       device: torch.device) -> Tensor:
-    """Run ``sampler`` with noise drawn from a CPU ``generator`` (reproducible across devices)."""
+    """Run ``sampler`` with the starting noise drawn from a CPU ``generator``.
+
+    The starting noise is the same on every device; a stochastic sampler's per-step noise comes
+    from a device generator seeded from the CPU one.
+    """
     if device.type == "cpu" or generator is None:
         return sampler(denoiser, schedule, shape, generator=generator, device=device)
-    # Draw the initial noise on the CPU for cross-device reproducibility; stochastic samplers
-    # draw their per-step noise from a device generator seeded from the CPU one.
-    device_generator = torch.Generator(device=device)
-    device_generator.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-    x = sampler.initial_noise(schedule, shape, generator=generator).to(device)
-    return sampler.method.fn(denoiser, x, sampler.sigmas(schedule), generator=device_generator,
-                             **sampler.options)
+    noise = torch.randn(shape, generator=generator).to(device)
+    step_generator = torch.Generator(device=device)
+    step_generator.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    return sampler(denoiser, schedule, shape, generator=step_generator, device=device,
+                   noise=noise)
 
 
 def count_parameters(module: nn.Module) -> int:

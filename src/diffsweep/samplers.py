@@ -417,25 +417,20 @@ class Sampler:
         """The float64 sigma~ grid (``num_steps + 1`` values, last 0) for ``schedule``."""
         return sigma_grid(schedule, self.num_steps, self.spacing, self.rho, self.steps_offset)
 
-    def initial_noise(self, schedule: NoiseSchedule, shape: tuple[int, ...],
-                      generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-                      dtype: torch.dtype = torch.float32) -> Tensor:
-        """``x~_T``: standard normal noise (drawn in ``dtype``) scaled to the prior at ``sigmas[0]``."""
-        sigma_max = float(self.sigmas(schedule)[0])
-        noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-        return noise * schedule.prior_std(sigma_max)
-
     @torch.no_grad()
     def __call__(self, denoiser: DenoiserFn, schedule: NoiseSchedule, shape: tuple[int, ...],
                  generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> Tensor:
+                 dtype: torch.dtype = torch.float32, noise: Tensor | None = None) -> Tensor:
         """Draw ``shape`` samples in ``dtype``; deterministic given ``generator``'s state.
 
+        ``noise``: the standard normal starting noise (shape ``shape``, on ``device``); drawn from
+        ``generator`` when None. ``generator`` also drives a stochastic sampler's per-step noise.
         The state x~ is held in :func:`state_dtype` (float64) between net calls; the net runs in
         its own dtype (see :class:`diffsweep.denoiser.Denoiser`).
         """
         sigmas = self.sigmas(schedule)
-        noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        if noise is None:
+            noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
         x = noise.to(state_dtype(device)) * schedule.prior_std(float(sigmas[0]))
         x = self.method.fn(denoiser, x, sigmas, generator=generator, **self.options)
         return x.to(dtype)

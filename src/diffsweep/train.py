@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffsweep.callbacks.ema import EMA
 from diffsweep.checkpoints import build_module_from_config, check_compatible, read_checkpoint
-from diffsweep.hydra_utils import instantiate_dict, print_config_tree, run_config_dict
+from diffsweep.hydra_utils import (hydra_choices, instantiate_dict, print_config_tree,
+                                   run_config_dict)
 from diffsweep.module import DiffusionModule, count_parameters
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,7 @@ def build_module(cfg: DictConfig, image_shape: tuple[int, int, int]) -> Diffusio
     """The DiffusionModule for ``cfg``; the resolved config (and image shape) goes into checkpoints."""
     config = run_config_dict(cfg)
     config["image_shape"] = list(image_shape)
+    config["choices"] = hydra_choices()
     return build_module_from_config(config)
 
 

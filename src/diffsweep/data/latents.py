@@ -56,6 +56,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from diffsweep.data.vae import LatentVAE
+from diffsweep.hydra_utils import register_resolvers
+
+register_resolvers()  # configs/data/latents.yaml uses ${diffsweep.div:...}
 
 __all__ = [
     "FORMAT_VERSION",
@@ -64,7 +67,6 @@ __all__ = [
     "LatentDataset",
     "LatentBatchSampler",
     "LatentDataModule",
-    "register_resolvers",
 ]
 
 log = logging.getLogger(__name__)
@@ -83,25 +85,6 @@ class CorruptLatentCacheError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # Hydra / OmegaConf resolver
 # ---------------------------------------------------------------------------------------------
-def _div(a: Any, b: Any) -> int:
-    a, b = int(a), int(b)
-    if b <= 0 or a % b:
-        raise ValueError(f"${{diffsweep.div:{a},{b}}}: {a} is not a positive multiple of {b}")
-    return a // b
-
-
-def register_resolvers() -> None:
-    """Register ``${diffsweep.div:a,b}`` (exact integer division), used by configs/data/latents.yaml
-    to derive ``data.resolution`` = image resolution / VAE downsampling. Idempotent."""
-    from omegaconf import OmegaConf
-
-    if not OmegaConf.has_resolver("diffsweep.div"):
-        OmegaConf.register_new_resolver("diffsweep.div", _div)
-
-
-register_resolvers()
-
-
 # ---------------------------------------------------------------------------------------------
 # small file-system helpers
 # ---------------------------------------------------------------------------------------------

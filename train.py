@@ -5,21 +5,28 @@ Examples::
     python train.py                                   # digits 16x16, unet_tiny, linear, CPU
     python train.py scheduler=cosine sampler=dpmpp_2m sampler.num_steps=20
     python train.py -m scheduler=linear,cosine,ve     # a sweep
+    python train.py trainer=ddp trainer.devices=4     # DDP (also inside -m sweeps: each job once)
 """
 
 import sys
+import warnings
 
 import hydra
 from omegaconf import DictConfig
 
 from diffsweep.hydra_utils import multirun_flag_first
 
+# configs/hydra/launcher/submitit_slurm.yaml replaces the plugin's config of that name on purpose
+# (Hydra still validates it against the plugin's schema and warns that it does).
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_slurm' is validated")
+
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from diffsweep.train import run
+    from diffsweep.launch import run_job
 
-    metrics = run(cfg)
+    # run_job registers the job so DDP ranks > 0 rebuild this config (not re-run the sweep).
+    metrics = run_job(cfg, "diffsweep.train:run")
     return metrics.get(cfg.get("optimized_metric") or "", None)
 
 

@@ -7,15 +7,20 @@ run config, so a model is rebuilt without the original command line.
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.utils import instantiate
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from diffsweep.hydra_utils import run_config_dict
 from diffsweep.module import DiffusionModule
+
+log = logging.getLogger(__name__)
 
 COMPILE_PREFIX = "_orig_mod."
 #: Config groups that define the weights' meaning: a checkpoint must agree with them to load.
@@ -94,3 +99,61 @@ def build_module_from_config(cfg: dict[str, Any]) -> DiffusionModule:
     module_factory = instantiate(conf.module, _partial_=True)
     return module_factory(net=net, schedule=schedule, sampler=sampler, image_shape=shape,
                           config=cfg)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write checkpoints to a temp file beside the target, fsync, then ``os.replace``.
+
+    A process killed at any point leaves the previous checkpoint intact (Lightning's own save goes
+    through fsspec's local transaction: a temp file in /tmp that is *copied* into place when /tmp
+    is another file system, and never fsynced).
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path,
+                        storage_options: Any | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        try:
+            with open(partial, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+        _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def find_resume_checkpoint(directory: str | Path) -> Path | None:
+    """The newest readable checkpoint in ``directory`` (``last.ckpt`` first), or None.
+
+    An unreadable file (say, truncated by a full disk) is skipped with a warning, never deleted.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    candidates = sorted(directory.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt",
+                                                                 -p.stat().st_mtime))
+    for candidate in candidates:
+        try:
+            checkpoint = torch.load(candidate, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as error:  # noqa: BLE001 - any failure means: not resumable
+            log.warning("Skipping unreadable checkpoint %s (%s).", candidate, error)
+            continue
+        if "loops" in checkpoint:  # a full training checkpoint, not a weights-only export
+            return candidate
+    return None

@@ -25,10 +25,19 @@ def _exact_div(numerator: Any, denominator: Any) -> int:
 
 
 def register_resolvers() -> None:
-    """Register ``${diffsweep.div:a,b}`` (exact integer division; the latent resolution is the
-    image resolution over the VAE's down-sampling). Idempotent; runs when this module is imported."""
+    """Register diffsweep's resolvers (idempotent; runs when this module is imported):
+
+    - ``${diffsweep.div:a,b}``: exact integer division (latent resolution = image resolution /
+      the VAE's down-sampling);
+    - ``${diffsweep.run_dir:runs_dir,new_name,resume,signature}``: the run directory, reusing an
+      unfinished run of the same command (see :mod:`diffsweep.resume`).
+    """
+    from diffsweep.resume import resumable_run_dir
+
     if not OmegaConf.has_resolver("diffsweep.div"):
         OmegaConf.register_new_resolver("diffsweep.div", _exact_div)
+    if not OmegaConf.has_resolver("diffsweep.run_dir"):
+        OmegaConf.register_new_resolver("diffsweep.run_dir", resumable_run_dir, use_cache=True)
 
 
 register_resolvers()
@@ -100,3 +109,13 @@ def multirun_flag_first(argv: list[str]) -> list[str]:
     flags = [arg for arg in argv[1:] if arg in ("-m", "--multirun")]
     rest = [arg for arg in argv[1:] if arg not in ("-m", "--multirun")]
     return [argv[0], *flags, *rest]
+
+
+def hydra_signature() -> str:
+    """The running job's ``override_dirname`` (its command-line overrides), or '' outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return ""
+    return str(OmegaConf.select(HydraConfig.get(), "job.override_dirname", default="",
+                                throw_on_missing=False) or "")

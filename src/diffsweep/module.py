@@ -41,6 +41,10 @@ class DiffusionModule(L.LightningModule):
         lr_warmup_steps: linear learning-rate warmup from 0 over this many steps (0: none).
         label_dropout: probability of replacing a class label by the null label (CFG training);
             only used when the net is class-conditional.
+        seed: seed of the training noise: step ``s`` draws the noise of the whole global batch
+            from ``seed`` and ``s`` and each rank takes its share, so runs are reproducible,
+            independent of the number of processes, and continue identically after a resume.
+            None: a random seed (stored in checkpoints).
         config: the composed run config, stored in checkpoints so ``evaluate.py`` can rebuild
             the model without the original command line.
     """
@@ -48,7 +52,8 @@ class DiffusionModule(L.LightningModule):
     def __init__(self, net: nn.Module, schedule: NoiseSchedule, optimizer: OptimizerFactory,
                  sampler: Sampler | None = None, image_shape: tuple[int, int, int] = (1, 16, 16),
                  prediction_type: str = "epsilon", lr_warmup_steps: int = 0,
-                 label_dropout: float = 0.1, config: dict | None = None) -> None:
+                 label_dropout: float = 0.1, seed: int | None = None,
+                 config: dict | None = None) -> None:
         super().__init__()
         self.net = net
         self.schedule = schedule
@@ -60,6 +65,7 @@ class DiffusionModule(L.LightningModule):
         self.prediction_type = prediction_type
         self.lr_warmup_steps = lr_warmup_steps
         self.label_dropout = label_dropout
+        self.seed = int(seed) if seed is not None else int(torch.randint(0, 2**31, (1,)))
         self.config = config
         self.num_classes: int | None = getattr(net, "num_classes", None)
 
@@ -70,31 +76,43 @@ class DiffusionModule(L.LightningModule):
 
     # ------------------------------------------------------------------ loss
 
-    def _class_labels(self, labels: Tensor, training: bool) -> Tensor | None:
+    def _class_labels(self, labels: Tensor, drop: Tensor | None) -> Tensor | None:
         if self.num_classes is None:
             return None
         if (labels < 0).any():
             raise ValueError("The net is class-conditional (model.num_classes is set) but the "
                              "dataset has no labels; unset model.num_classes.")
-        if training and self.label_dropout > 0:
-            drop = torch.rand(labels.shape, device=labels.device) < self.label_dropout
-            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        if drop is not None:
+            labels = torch.where(drop.to(labels.device), torch.full_like(labels, self.num_classes),
+                                 labels)
         return labels
 
     def diffusion_loss(self, x0: Tensor, labels: Tensor | None = None,
-                       generator: torch.Generator | None = None, training: bool = True) -> Tensor:
-        """Mean squared error of the net's output against its target, averaged over the batch."""
-        batch = x0.shape[0]
-        # Times and sigma~ are drawn on the CPU in float64 (schedule tables live there).
-        _, sigma = self.schedule.training_sigma_tilde(batch, generator=generator)
-        if generator is None:
-            eps = torch.randn_like(x0)
-        else:
-            eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+                       generator: torch.Generator | None = None,
+                       eps_generator: torch.Generator | None = None, training: bool = True,
+                       rank: int = 0, world_size: int = 1) -> Tensor:
+        """Mean squared error of the net's output against its target, averaged over the batch.
+
+        ``x0`` (B, C, H, W) is this rank's share ``[rank::world_size]`` of a global batch; times
+        (from the CPU ``generator``) and noise (from ``eps_generator``, on x0's device; default
+        ``generator``) are drawn for the whole global batch and sliced the same way.
+        """
+        global_batch = x0.shape[0] * world_size
+        share = slice(rank, None, world_size)
+        # sigma~ is drawn on the CPU in float64 (schedule tables live there).
+        _, sigma = self.schedule.training_sigma_tilde(global_batch, generator=generator)
+        sigma = sigma[share]
+        eps_generator = eps_generator or generator
+        eps_device = eps_generator.device if eps_generator is not None else x0.device
+        eps = torch.randn((global_batch, *x0.shape[1:]), generator=eps_generator,
+                          device=eps_device, dtype=x0.dtype)[share].to(x0.device)
+        drop = None
+        if training and self.num_classes is not None and self.label_dropout > 0:
+            drop = (torch.rand(global_batch, generator=generator) < self.label_dropout)[share]
         sigma_device = sigma.to(x0.device)
         x_tilde = x0 + append_dims(sigma_device, x0.ndim).to(x0.dtype) * eps
         x_in, c_noise, _ = self.denoiser.net_inputs(x_tilde, sigma)
-        class_labels = self._class_labels(labels, training) if labels is not None else None
+        class_labels = self._class_labels(labels, drop) if labels is not None else None
         if class_labels is None:
             output = self.net(x_in, c_noise.to(x0.device))
         else:
@@ -102,13 +120,23 @@ class DiffusionModule(L.LightningModule):
         target = self.denoiser.training_target(x0, eps, sigma_device)
         return F.mse_loss(output.float(), target.float())
 
+    def _step_generators(self, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+        """CPU and device generators seeded by (seed, global step): the same on every rank."""
+        step_seed = (self.seed * 1_000_003 + self.global_step) % (2**63)
+        cpu = torch.Generator().manual_seed(step_seed)
+        if device.type == "cpu":
+            return cpu, cpu
+        return cpu, torch.Generator(device=device).manual_seed(step_seed)
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, labels = batch
-        loss = self.diffusion_loss(x0, labels)
+        generator, eps_generator = self._step_generators(x0.device)
+        loss = self.diffusion_loss(x0, labels, generator, eps_generator,
+                                   rank=self.global_rank, world_size=self.trainer.world_size)
         if not torch.isfinite(loss):
-            raise NonFiniteLossError(self._non_finite_message(float(loss)))
+            raise NonFiniteLossError(self._non_finite_message(loss.item()))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False,
-                 batch_size=x0.shape[0])
+                 batch_size=x0.shape[0], sync_dist=self.trainer.world_size > 1)
         return loss
 
     def _non_finite_message(self, loss: float) -> str:
@@ -175,6 +203,18 @@ class DiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.config is not None:
             checkpoint["diffsweep_config"] = self.config
+        checkpoint["diffsweep_seed"] = self.seed
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(),
+                                    "cuda": (torch.cuda.get_rng_state_all()
+                                             if torch.cuda.is_available() else [])}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.seed = checkpoint.get("diffsweep_seed", self.seed)
+        rng = checkpoint.get("rng_states")
+        if rng is not None:  # dropout and augmentation continue as if never interrupted
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 class _LabelledDenoiser:

@@ -12,10 +12,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffsweep.callbacks.ema import EMA
-from diffsweep.checkpoints import build_module_from_config, check_compatible, read_checkpoint
-from diffsweep.hydra_utils import (hydra_choices, instantiate_dict, print_config_tree,
-                                   run_config_dict)
+from diffsweep.checkpoints import (build_module_from_config, check_compatible,
+                                   find_resume_checkpoint, read_checkpoint)
+from diffsweep.hydra_utils import (hydra_choices, hydra_signature, instantiate_dict,
+                                   print_config_tree, run_config_dict)
 from diffsweep.module import DiffusionModule, count_parameters
+from diffsweep.resume import run_status
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,24 @@ def build_module(cfg: DictConfig, image_shape: tuple[int, int, int]) -> Diffusio
     config["image_shape"] = list(image_shape)
     config["choices"] = hydra_choices()
     return build_module_from_config(config)
+
+
+def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
+    """``ckpt_path`` if given (checked against the config), else with ``resume=auto`` the newest
+    readable checkpoint already in this run's checkpoint folder."""
+    ckpt_path = cfg.get("ckpt_path")
+    if not ckpt_path and cfg.get("resume", "auto") == "auto":
+        folder = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath",
+                                  default=str(output_dir / "checkpoints"))
+        found = find_resume_checkpoint(folder)
+        if found is not None:
+            log.info("Resuming from %s", found)
+            ckpt_path = str(found)
+    if ckpt_path:
+        stored = read_checkpoint(ckpt_path).get("diffsweep_config")
+        if stored is not None:
+            check_compatible(stored, cfg)
+    return ckpt_path
 
 
 def order_callbacks(callbacks: list[L.Callback]) -> list[L.Callback]:
@@ -54,12 +74,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for logger in loggers:
         logger.log_hyperparams(module.config)
 
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path:
-        stored = read_checkpoint(ckpt_path).get("diffsweep_config")
-        if stored is not None:
-            check_compatible(stored, cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    ckpt_path = resume_checkpoint(cfg, output_dir)
+    with run_status(output_dir, signature=hydra_signature()):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     log.info("Run directory: %s", output_dir)
     _finish_loggers(loggers)

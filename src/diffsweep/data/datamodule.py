@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from diffsweep.data.base import ImageSource, check_split, collate
+from diffsweep.data.sampling import GlobalBatchSampler, ResumableDataLoader
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -71,6 +72,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.resolution: int = int(source.resolution)
         self.image_shape: tuple[int, int, int] = (self.channels, self.resolution, self.resolution)
         self.world_size: int = 1
+        self.rank: int = 0
         self.per_rank_batch_size: int = self.batch_size
         self.per_rank_val_batch_size: int = self.val_batch_size or self.batch_size
         self._datasets: dict[tuple[str, bool], Dataset] = {}
@@ -84,6 +86,7 @@ class ImageDataModule(pl.LightningDataModule):
         """Per-rank batch sizes from ``trainer.world_size``; loads the splits the stage needs."""
         trainer = getattr(self, "trainer", None)
         self.world_size = int(trainer.world_size) if trainer is not None else 1
+        self.rank = int(getattr(trainer, "global_rank", 0)) if trainer is not None else 0
         self.per_rank_batch_size = self._per_rank(self.batch_size, "batch_size")
         self.per_rank_val_batch_size = self._per_rank(
             self.val_batch_size or self.batch_size, "val_batch_size")
@@ -122,15 +125,30 @@ class ImageDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        """Training batches in the :mod:`~diffsweep.data.sampling` order: the same global batches
+        for any number of processes, resumable mid-epoch."""
         ds = self.dataset("train")
-        per_rank_items = -(-len(ds) // self.world_size)  # DistributedSampler pads up
-        if self.drop_last and per_rank_items < self.per_rank_batch_size:
+        if self.drop_last and len(ds) < self.batch_size:
             raise ValueError(
                 f"batch_size={self.batch_size} is larger than the training split "
-                f"({len(ds)} images{f' over {self.world_size} processes' if self.world_size > 1 else ''}) "
-                "and drop_last=true would yield zero batches: lower data.batch_size or set "
-                "data.drop_last=false")
-        return self._loader(ds, self.per_rank_batch_size, self.shuffle, self.drop_last)
+                f"({len(ds)} images) and drop_last=true would yield zero batches: lower "
+                "data.batch_size or set data.drop_last=false")
+        sampler = GlobalBatchSampler(len(ds), self.per_rank_batch_size, self.world_size,
+                                     self.rank, shuffle=self.shuffle, drop_last=self.drop_last,
+                                     seed=self.seed)
+        return ResumableDataLoader(
+            ds, sampler=sampler, batches_done=self._batches_done,
+            batch_size=self.per_rank_batch_size, drop_last=False,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            pin_memory=self._pin_memory(), collate_fn=collate,
+            generator=torch.Generator().manual_seed(self.seed))
+
+    def _batches_done(self) -> int:
+        """Training batches of the current epoch the trainer has finished (for resuming)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("val"), self.per_rank_val_batch_size, False, False)

@@ -1,0 +1,128 @@
+"""Sampling throughput (img/s, ms per NFE): diffsweep's samplers vs diffusers' pipelines.
+
+At equal NFE and batch, for each config of ``train_throughput.py`` (our UNet from
+``configs/model/*.yaml``; diffusers' ``UNet2DModel`` built to the same layout, so equal FLOPs):
+
+- ``ours``: ``DiffusionModule.sample(Sampler(method, num_steps))`` (float64 state, the real path
+  used by the sample-grid and FID callbacks);
+- ``ours@diffusers-net``: the same sampler over the diffusers net (isolates sampler overhead);
+- ``diffusers``: ``DDIMPipeline`` (ddim) / ``DDPMPipeline`` with ``DPMSolverMultistepScheduler``
+  (dpmpp_2m), ``output_type="np"``, progress bar off;
+- ``net fwd``: one forward of each net at the same batch (the floor for ms/NFE).
+
+Rounds are interleaved; medians are printed. ``--precision bf16`` runs everything under
+``torch.autocast("cpu", torch.bfloat16)``.
+
+    python experiments/benchmarks/sampling_throughput.py [--configs tiny16,tiny32] [--nfe 20]
+        [--samplers ddim,dpmpp_2m] [--precision fp32,bf16] [--threads 1] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_throughput import (CONFIGS, DiffusersAdapter, diffusers_unet, load_string,  # noqa: E402
+                              machine_string, make_module)
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def diffusers_pipeline(method: str, unet):
+    from diffusers import (DDIMPipeline, DDIMScheduler, DDPMPipeline,
+                           DPMSolverMultistepScheduler)
+
+    if method == "ddim":
+        pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(beta_schedule="linear"))
+    elif method == "dpmpp_2m":
+        pipe = DDPMPipeline(unet=unet, scheduler=DPMSolverMultistepScheduler(
+            beta_schedule="linear", algorithm_type="dpmsolver++", solver_order=2))
+    else:
+        raise ValueError(f"No diffusers pipeline mapped for {method!r}; use ddim or dpmpp_2m.")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def main() -> None:
+    from diffsweep.denoiser import Denoiser
+    from diffsweep.samplers import Sampler
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="tiny16,tiny32")
+    parser.add_argument("--samplers", default="ddim,dpmpp_2m")
+    parser.add_argument("--precision", default="fp32,bf16")
+    parser.add_argument("--nfe", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"Machine: {machine_string()}; batch {args.batch}; NFE {args.nfe}; {args.rounds} rounds; "
+          f"{load_string()} at start\n")
+
+    rows = []
+    for name in args.configs.split(","):
+        _, c, r = CONFIGS[name]
+        module = make_module(name).eval()
+        theirs = diffusers_unet(name).eval()
+        their_denoiser = Denoiser(DiffusersAdapter(theirs), module.schedule)
+        x = torch.randn(args.batch, c, r, r)
+        t = torch.full((args.batch,), 500.0)
+        for precision in args.precision.split(","):
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+            for method in args.samplers.split(","):
+                sampler = Sampler(method, num_steps=args.nfe)
+                assert sampler.nfe == args.nfe, "use a one-NFE-per-step sampler"
+                pipe = diffusers_pipeline(method, theirs)
+                cases = {
+                    "ours": lambda: module.sample(sampler, args.batch,
+                                                  generator=torch.Generator().manual_seed(0)),
+                    "ours@diffusers-net": lambda: sampler(
+                        their_denoiser, module.schedule, (args.batch, c, r, r),
+                        generator=torch.Generator().manual_seed(0)),
+                    "diffusers": lambda: pipe(batch_size=args.batch, num_inference_steps=args.nfe,
+                                              output_type="np",
+                                              generator=torch.Generator().manual_seed(0)),
+                    "fwd ours": lambda: module.net(x, t),
+                    "fwd diffusers": lambda: theirs(x, t),
+                }
+                times: dict[str, list[float]] = {k: [] for k in cases}
+                with torch.no_grad(), autocast:
+                    for fn in cases.values():  # warm-up
+                        fn()
+                    for _ in range(args.rounds):
+                        for key, fn in cases.items():
+                            times[key].append(_timed(fn))
+                rows.append((name, precision, method, times))
+                print(f"  done {name} {precision} {method}; {load_string()}", flush=True)
+
+    med = statistics.median
+    print(f"\n{load_string()} at end\n")
+    print("| config | precision | sampler (NFE) | ours img/s | diffusers img/s | ours / diffusers "
+          "| ours ms/NFE | diffusers ms/NFE | fwd ours / diffusers ms | ours@diffusers-net "
+          "/ diffusers |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, precision, method, times in rows:
+        ours, theirs_t = med(times["ours"]), med(times["diffusers"])
+        same_net = med(times["ours@diffusers-net"])
+        ratio = med(d / o for o, d in zip(times["ours"], times["diffusers"]))
+        ratio_same = med(d / o for o, d in zip(times["ours@diffusers-net"], times["diffusers"]))
+        print(f"| {name} | {precision} | {method} ({args.nfe}) | {args.batch / ours:.1f} | "
+              f"{args.batch / theirs_t:.1f} | {ratio:.3f} | {1e3 * ours / args.nfe:.1f} | "
+              f"{1e3 * theirs_t / args.nfe:.1f} | {1e3 * med(times['fwd ours']):.1f} / "
+              f"{1e3 * med(times['fwd diffusers']):.1f} | {ratio_same:.3f} "
+              f"({1e3 * same_net / args.nfe:.1f} ms/NFE) |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Training order that does not depend on the number of processes and survives a restart.
+
+Epoch ``e`` visits ``perm_e = randperm(n, seed + e)``; global batch ``k`` is
+``perm_e[k*B:(k+1)*B]`` (``B`` = the configured global batch size) and rank ``r`` of ``W`` trains on
+``global_batch[r::W]``. So a 2-process run sees exactly the global batches of a 1-process run, and
+a run resumed mid-epoch continues with the batch after the last one it trained on (Lightning stores
+the position through :class:`ResumableDataLoader`'s ``state_dict``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+class GlobalBatchSampler(DistributedSampler):
+    """Index sampler yielding this rank's share of each global batch, in order.
+
+    A ``DistributedSampler`` subclass so that Lightning keeps it as is (it only injects its own
+    sampler into loaders that have none). Pair it with ``DataLoader(batch_size=per_rank_batch)``.
+
+    Args:
+        num_items: dataset length.
+        per_rank_batch_size: items per rank per step (global batch / world_size).
+        world_size, rank: process layout (1, 0 without DDP).
+        shuffle: a fresh seeded permutation every epoch (else the dataset order).
+        drop_last: drop the last incomplete global batch (else it is split as evenly as possible;
+            a last batch with fewer items than ranks is always dropped).
+        seed: base seed of the permutations.
+    """
+
+    def __init__(self, num_items: int, per_rank_batch_size: int, world_size: int = 1,
+                 rank: int = 0, shuffle: bool = True, drop_last: bool = True,
+                 seed: int = 0) -> None:
+        self.num_items = int(num_items)
+        self.per_rank_batch_size = int(per_rank_batch_size)
+        self.num_replicas, self.rank = int(world_size), int(rank)
+        self.shuffle, self.drop_last, self.seed = shuffle, drop_last, int(seed)
+        self.epoch = 0
+        self._skip_batches = 0
+        self.global_batch_size = self.per_rank_batch_size * self.num_replicas
+
+    def _global_batches(self, epoch: int) -> list[torch.Tensor]:
+        if self.shuffle:
+            order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(
+                self.seed + epoch))
+        else:
+            order = torch.arange(self.num_items)
+        batches = list(order.split(self.global_batch_size))
+        if batches and (len(batches[-1]) < self.num_replicas or
+                        (self.drop_last and len(batches[-1]) < self.global_batch_size)):
+            batches.pop()
+        return batches
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self._skip_batches = self._skip_batches, 0
+        for batch in self._global_batches(self.epoch)[skip:]:
+            yield from batch[self.rank::self.num_replicas].tolist()
+
+    def __len__(self) -> int:
+        batches = self._global_batches(self.epoch)
+        return sum(len(batch[self.rank::self.num_replicas]) for batch in batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def resume(self, epoch: int, batches_done: int) -> None:
+        """Start the next iteration at global batch ``batches_done`` of ``epoch``."""
+        self.epoch, self._skip_batches = int(epoch), int(batches_done)
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over a :class:`GlobalBatchSampler` whose position goes into checkpoints.
+
+    ``batches_done`` reports how many batches of the current epoch the trainer has consumed (the
+    loader itself cannot know: prefetching reads ahead).
+    """
+
+    def __init__(self, dataset: Dataset, *, sampler: GlobalBatchSampler,
+                 batches_done: Callable[[], int], **kwargs: Any) -> None:
+        super().__init__(dataset, sampler=sampler, **kwargs)
+        self.batches_done = batches_done
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches_done": int(self.batches_done())}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.resume(state["epoch"], state["batches_done"])

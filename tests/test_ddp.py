@@ -19,7 +19,7 @@ from tests.conftest import FAST, run_entry_point
 
 #: A tiny net, no validation, no grids: the DDP tests measure training only.
 TINY = ["model.base_channels=8", "model.channel_mults=[1,2]", "model.num_res_blocks=1",
-        "model.attention_resolutions=[]", "data.resolution=8", "trainer.limit_val_batches=0",
+        "model.attention_resolutions=[]", "data.resolution=8", "++trainer.limit_val_batches=0",
         "callbacks.sample_grid=null", "trainer.accelerator=cpu"]
 DDP2 = ["trainer=ddp", "trainer.devices=2"]
 
@@ -57,7 +57,8 @@ def test_job_file_rebuilds_the_jobs_config_in_a_rank_process(train_config, tmp_p
     assert launch._current_job is None
     monkeypatch.chdir(tmp_path)  # rank_main changes directory: restore it after the test
     seen = launch.rank_main(path)
-    expected = OmegaConf.to_container(cfg, resolve=True)
+    expected = {key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value)
+                else value for key, value in cfg.items() if key != "hydra"}
     assert OmegaConf.to_container(seen["config"]) == expected  # same config, resolved
     assert seen["config"].scheduler.beta_schedule == "squaredcos_cap_v2"
     assert seen["output_dir"] == str(cfg.paths.output_dir)  # the same job directory
@@ -66,13 +67,14 @@ def test_job_file_rebuilds_the_jobs_config_in_a_rank_process(train_config, tmp_p
 
 def test_job_scope_restores_the_ddp_environment(train_config, monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "example")
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for key in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
     with launch.hydra_job(train_config(), "diffsweep.train:run"):
-        os.environ.update(MASTER_ADDR="127.0.0.1", LOCAL_RANK="0", WORLD_SIZE="2")
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29500", LOCAL_RANK="0",
+                          WORLD_SIZE="2")
     # Otherwise the next job of a sweep would think its ranks exist already (LOCAL_RANK set).
     assert os.environ["MASTER_ADDR"] == "example"
-    assert "LOCAL_RANK" not in os.environ and "WORLD_SIZE" not in os.environ or \
-        os.environ.get("WORLD_SIZE") != "2"
+    assert not {"LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"} & set(os.environ)
 
 
 def test_trainer_ddp_config_selects_the_hydra_aware_strategy(train_config):

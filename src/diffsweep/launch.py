@@ -100,7 +100,9 @@ def hydra_job(cfg: DictConfig, task: Callable[..., Any] | str) -> Iterator[None]
     if HydraConfig.initialized():
         hydra_node = OmegaConf.to_container(HydraConfig.get(), resolve=False)
     job = _Job(task=_task_path(task),
-               config=OmegaConf.to_container(cfg, resolve=False),  # type: ignore[arg-type]
+               config={key: value for key, value in  # Hydra's node travels separately
+                       OmegaConf.to_container(cfg, resolve=False).items()  # type: ignore[union-attr]
+                       if key != "hydra"},
                hydra=hydra_node, cwd=os.getcwd(), launchers=[],
                env={key: os.environ.get(key) for key in DDP_ENV_KEYS})
     previous, _current_job = _current_job, job

@@ -45,6 +45,9 @@ class DiffusionModule(L.LightningModule):
             from ``seed`` and ``s`` and each rank takes its share, so runs are reproducible,
             independent of the number of processes, and continue identically after a resume.
             None: a random seed (stored in checkpoints).
+        compile: ``torch.compile`` the net in place (``nn.Module.compile``): parameter names keep
+            no ``_orig_mod.`` prefix, so checkpoints load with or without compile, EMA included.
+        compile_options: keyword arguments of ``torch.compile`` (``mode``, ``backend``, ...).
         config: the composed run config, stored in checkpoints so ``evaluate.py`` can rebuild
             the model without the original command line.
     """
@@ -53,8 +56,11 @@ class DiffusionModule(L.LightningModule):
                  sampler: Sampler | None = None, image_shape: tuple[int, int, int] = (1, 16, 16),
                  prediction_type: str = "epsilon", lr_warmup_steps: int = 0,
                  label_dropout: float = 0.1, seed: int | None = None,
+                 compile: bool = False, compile_options: dict[str, Any] | None = None,
                  config: dict | None = None) -> None:
         super().__init__()
+        if compile:
+            net.compile(**(compile_options or {}))
         self.net = net
         self.schedule = schedule
         # Not a registered submodule: its net is self.net (one copy of the weights in checkpoints).

@@ -90,3 +90,16 @@ def test_resume_with_other_model_config_is_refused(train_config):
     other = train_config("model.base_channels=16", f"ckpt_path={ckpt}")
     with pytest.raises(CheckpointMismatchError, match="model"):
         run(other)
+
+
+def test_class_conditional_training_and_guided_sampling(train_config):
+    cfg = train_config("model.num_classes=10", "callbacks.sample_grid.at_train_end=false")
+    run(cfg)
+    module = load_module(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+    labels = torch.arange(4)
+    plain = module.sample(num_samples=4, generator=torch.Generator().manual_seed(0),
+                          class_labels=labels)
+    guided = module.sample(num_samples=4, generator=torch.Generator().manual_seed(0),
+                           class_labels=labels, guidance_scale=3.0)
+    assert plain.shape == guided.shape == (4, 1, 16, 16)
+    assert torch.isfinite(guided).all() and not torch.equal(plain, guided)

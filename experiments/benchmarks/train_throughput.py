@@ -23,6 +23,9 @@ of them); the table shows per-loop medians over rounds and the median of the per
     python experiments/benchmarks/train_throughput.py --configs small32 --steps 4 --rounds 2
     python experiments/benchmarks/train_throughput.py --threads 2 --precision bf16
 
+Both wall-clock and process-CPU-time throughput are printed: on a shared machine the CPU time of a
+one-thread run is the steadier measure of the work done (it excludes time-slicing by other jobs).
+
 ``--threads`` sets ``torch.set_num_threads`` (default 1: on a 2-core machine shared with other
 jobs, 2 intra-op threads are several times slower for these small convolutions; see README.md).
 """
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import os
 import statistics
 import tempfile
@@ -155,6 +159,16 @@ def _cycle(loader):
         yield from loader
 
 
+def clocks() -> tuple[float, float]:
+    """(wall clock, this process's CPU time) in seconds."""
+    return time.perf_counter(), time.process_time()
+
+
+def per_step(start: tuple[float, float], end: tuple[float, float],
+             steps: int) -> tuple[float, float]:
+    return (end[0] - start[0]) / steps, (end[1] - start[1]) / steps
+
+
 def _autocast(precision: str):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
@@ -163,8 +177,8 @@ def _autocast(precision: str):
 
 
 def time_lightning(name: str, batch: int, steps: int, warmup: int, precision: str,
-                   module_factory: Callable | None = None) -> float:
-    """Seconds per step of ``Trainer.fit`` (see the module docstring)."""
+                   module_factory: Callable | None = None) -> tuple[float, float]:
+    """(wall, CPU) seconds per step of ``Trainer.fit`` (see the module docstring)."""
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.loggers import CSVLogger
@@ -173,10 +187,10 @@ def time_lightning(name: str, batch: int, steps: int, warmup: int, precision: st
 
     class StepTimer(L.Callback):
         def __init__(self) -> None:
-            self.times: dict[int, float] = {}
+            self.times: dict[int, tuple[float, float]] = {}
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            self.times[trainer.global_step] = time.perf_counter()
+            self.times[trainer.global_step] = clocks()
 
     timer = StepTimer()
     module = (module_factory or make_module)(name)
@@ -191,11 +205,12 @@ def time_lightning(name: str, batch: int, steps: int, warmup: int, precision: st
             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
             default_root_dir=tmp)
         trainer.fit(module, train_dataloaders=make_loader(name, batch))
-    return (timer.times[warmup + steps] - timer.times[warmup]) / steps
+    return per_step(timer.times[warmup], timer.times[warmup + steps], steps)
 
 
-def time_bare(name: str, batch: int, steps: int, warmup: int, precision: str) -> float:
-    """Seconds per step of the same math in a plain loop."""
+def time_bare(name: str, batch: int, steps: int, warmup: int,
+              precision: str) -> tuple[float, float]:
+    """(wall, CPU) seconds per step of the same math in a plain loop."""
     from diffsweep.callbacks.ema import ema_decay
 
     module = make_module(name)
@@ -205,10 +220,10 @@ def time_bare(name: str, batch: int, steps: int, warmup: int, precision: str) ->
     sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / WARMUP_STEPS))
     data = _cycle(make_loader(name, batch))
-    start = 0.0
+    start = (0.0, 0.0)
     for step in range(warmup + steps):
         if step == warmup:
-            start = time.perf_counter()
+            start = clocks()
         x0, labels = next(data)
         with _autocast(precision):
             loss = module.diffusion_loss(x0, labels)
@@ -219,11 +234,12 @@ def time_bare(name: str, batch: int, steps: int, warmup: int, precision: str) ->
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             torch._foreach_lerp_(ema, params, 1.0 - ema_decay(step, **EMA_OPTIONS))
-    return (time.perf_counter() - start) / steps
+    return per_step(start, clocks(), steps)
 
 
-def time_diffusers(name: str, batch: int, steps: int, warmup: int, precision: str) -> float:
-    """Seconds per step of diffusers' train_unconditional-style loop at matched size."""
+def time_diffusers(name: str, batch: int, steps: int, warmup: int,
+                   precision: str) -> tuple[float, float]:
+    """(wall, CPU) seconds per step of diffusers' train_unconditional-style loop."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
@@ -236,10 +252,10 @@ def time_diffusers(name: str, batch: int, steps: int, warmup: int, precision: st
     ema = EMAModel(net.parameters(), decay=EMA_OPTIONS["max_decay"], use_ema_warmup=True,
                    inv_gamma=1.0, power=2 / 3, foreach=True)
     data = _cycle(make_loader(name, batch))
-    start = 0.0
+    start = (0.0, 0.0)
     for step in range(warmup + steps):
         if step == warmup:
-            start = time.perf_counter()
+            start = clocks()
         x0, _ = next(data)
         noise = torch.randn_like(x0)
         timesteps = torch.randint(0, 1000, (x0.shape[0],))
@@ -253,7 +269,7 @@ def time_diffusers(name: str, batch: int, steps: int, warmup: int, precision: st
         sched.step()
         optimizer.zero_grad(set_to_none=True)
         ema.step(net.parameters())
-    return (time.perf_counter() - start) / steps
+    return per_step(start, clocks(), steps)
 
 
 LOOPS = {"lightning": time_lightning, "bare": time_bare, "diffusers": time_diffusers}
@@ -298,6 +314,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     loops = args.loops.split(",")
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
     print(f"Machine: {machine_string()}; batch {args.batch}; {args.steps} timed steps x "
           f"{args.rounds} rounds; {load_string()} at start\n")
@@ -316,30 +333,40 @@ def main() -> None:
     rows = []
     for name in args.configs.split(","):
         for precision in args.precision.split(","):
-            results: dict[str, list[float]] = {loop: [] for loop in loops}
+            # results[loop] = [(wall img/s, cpu img/s) per round]
+            results: dict[str, list[tuple[float, float]]] = {loop: [] for loop in loops}
             for _ in range(args.rounds):
                 for loop in loops:
-                    seconds = LOOPS[loop](name, args.batch, args.steps, args.warmup, precision)
-                    results[loop].append(args.batch / seconds)
+                    wall, cpu = LOOPS[loop](name, args.batch, args.steps, args.warmup, precision)
+                    results[loop].append((args.batch / wall, args.batch / cpu))
             rows.append((name, precision, results))
             print(f"  done {name} {precision}: " + ", ".join(
-                f"{k} {statistics.median(v):.1f}" for k, v in results.items())
-                + f" img/s; {load_string()}", flush=True)
-
-    def ratio(results, a, b):
-        if a not in results or b not in results:
-            return "n/a"
-        return f"{statistics.median(x / y for x, y in zip(results[a], results[b])):.3f}"
+                f"{k} {_median(v, 0):.1f}" for k, v in results.items())
+                + f" img/s (wall); {load_string()}", flush=True)
 
     print(f"\n{load_string()} at end\n")
-    print("| config | precision | " + " | ".join(f"{loop} img/s" for loop in loops)
-          + " | lightning / bare | lightning / diffusers | bare / diffusers |")
-    print("|---|---|" + "---|" * (len(loops) + 3))
-    for name, precision, results in rows:
-        cells = " | ".join(f"{statistics.median(results[loop]):.1f}" for loop in loops)
-        print(f"| {name} | {precision} | {cells} | {ratio(results, 'lightning', 'bare')} | "
-              f"{ratio(results, 'lightning', 'diffusers')} | "
-              f"{ratio(results, 'bare', 'diffusers')} |")
+    for clock, label in ((0, "wall clock"), (1, "process CPU time")):
+        print(f"img/s by {label} (medians over rounds; ratios: median of per-round ratios)\n")
+        print("| config | precision | " + " | ".join(loops)
+              + " | lightning / bare | lightning / diffusers | bare / diffusers |")
+        print("|---|---|" + "---|" * (len(loops) + 3))
+        for name, precision, results in rows:
+            cells = " | ".join(f"{_median(results[loop], clock):.1f}" for loop in loops)
+            print(f"| {name} | {precision} | {cells} | "
+                  f"{_ratio(results, 'lightning', 'bare', clock)} | "
+                  f"{_ratio(results, 'lightning', 'diffusers', clock)} | "
+                  f"{_ratio(results, 'bare', 'diffusers', clock)} |")
+        print()
+
+
+def _median(values: list[tuple[float, float]], clock: int) -> float:
+    return statistics.median(v[clock] for v in values)
+
+
+def _ratio(results: dict, a: str, b: str, clock: int) -> str:
+    if a not in results or b not in results:
+        return "n/a"
+    return f"{statistics.median(x[clock] / y[clock] for x, y in zip(results[a], results[b])):.3f}"
 
 
 if __name__ == "__main__":

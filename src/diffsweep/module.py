@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffsweep.denoiser import Denoiser, append_dims
+from diffsweep.denoiser import ClassifierFreeGuidance, Denoiser, append_dims
 from diffsweep.samplers import Sampler
 from diffsweep.schedules import NoiseSchedule
 
@@ -168,8 +168,11 @@ class DiffusionModule(L.LightningModule):
     @torch.no_grad()
     def sample(self, sampler: Sampler | None = None, num_samples: int = 64,
                generator: torch.Generator | None = None, batch_size: int | None = None,
-               class_labels: Tensor | None = None) -> Tensor:
+               class_labels: Tensor | None = None, guidance_scale: float = 1.0) -> Tensor:
         """Draw ``num_samples`` model-space samples ``(N, C, H, W)`` with ``sampler``.
+
+        ``class_labels`` (N,) conditions a class-conditional net; ``guidance_scale`` != 1 applies
+        classifier-free guidance against the null label (1: plain conditional sampling).
 
         Deterministic given ``generator`` (a CPU generator: noise is drawn on the CPU and moved, so
         samples agree across devices up to arithmetic). Uses the weights currently in the module
@@ -187,8 +190,13 @@ class DiffusionModule(L.LightningModule):
             shape = (count, *self.image_shape)
             denoiser: Any = self.denoiser
             if class_labels is not None:
+                if self.num_classes is None:
+                    raise ValueError("class_labels given but the net is not class-conditional "
+                                     "(model.num_classes is null).")
                 labels = class_labels[start:start + count].to(self.device)
-                denoiser = _LabelledDenoiser(self.denoiser, labels)
+                denoiser = (ClassifierFreeGuidance(self.denoiser, labels, guidance_scale,
+                                                   null_label=self.num_classes)
+                            if guidance_scale != 1.0 else _LabelledDenoiser(self.denoiser, labels))
             chunks.append(_sample_on_device(sampler, denoiser, self.schedule, shape, generator,
                                             self.device))
         self.train(was_training)

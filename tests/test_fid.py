@@ -22,17 +22,12 @@ from diffsweep.metrics.features import (INCEPTION_ENV, INCEPTION_FILENAME, INCEP
 from diffsweep.metrics.fid import (FrechetDistance, GaussianStats, frechet_distance,
                                    load_or_compute_real_stats)
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small CPU kernels: one thread is several times faster than two on a shared 2-core box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 # --------------------------------------------------------------------------------------------

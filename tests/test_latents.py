@@ -15,6 +15,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 pytest.importorskip("diffusers")
 
 from diffsweep.data.latents import (  # noqa: E402
@@ -27,13 +29,6 @@ from diffsweep.data.vae import LatentVAE  # noqa: E402
 TINY = dict(block_out_channels=[32], latent_channels=4, norm_num_groups=8, sample_size=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2-vCPU CI boxes run these tiny convolutions ~100x slower with 2 OpenMP threads.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class TinyImages:

@@ -32,14 +32,9 @@ from diffsweep.grids import sigma_grid
 from diffsweep.samplers import SAMPLERS
 from diffsweep.schedules import DiscreteVPSchedule, EDMSchedule, NoiseSchedule
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: intra-op threads only add overhead (and thrash on a loaded 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+
 
 
 #: Two overlapping modes of different widths: a nonlinear denoiser with a smooth flow, so the

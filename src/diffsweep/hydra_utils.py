@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import rich
 import rich.syntax
 import rich.tree
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,17 @@ def print_config_tree(cfg: DictConfig, save_to: str | Path | None = None,
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w") as handle:
             rich.print(tree, file=handle)
+
+
+def to_plain(obj: Any) -> Any:
+    """OmegaConf containers, mappings and sequences -> plain python (dict, list, scalars)."""
+    if isinstance(obj, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(obj, resolve=True)
+    if isinstance(obj, Mapping):
+        return {str(key): to_plain(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(value) for value in obj]
+    return obj
 
 
 def instantiate_dict(cfg: DictConfig | None, what: str, **kwargs: Any) -> list[Any]:

@@ -275,18 +275,14 @@ def _uniform(batch_size: int, low: float, high: float, generator: torch.Generato
     return (low + (high - low) * u).to(device)
 
 
-class ContinuousVPSchedule(NoiseSchedule):
-    """Song et al.'s VP SDE: ``alpha(t) = exp(-t^2 (b1 - b0)/4 - t b0/2)``, ``sigma = sqrt(1 - alpha^2)``.
+class _SDESchedule(NoiseSchedule):
+    """Song et al.'s SDE schedules: t in [eps_t, 1], training t ~ U[eps_t, 1]."""
 
-    Training t ~ U[eps_t, 1]; the net is told ``c_noise = (N - 1) t`` (999 t for N = 1000).
-    """
+    eps_t: float
 
-    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, eps_t: float = 1e-3,
-                 num_train_timesteps: int = 1000) -> None:
+    def _check_eps_t(self, eps_t: float) -> None:
         if not 0 < eps_t < 1:
             raise ValueError(f"eps_t must lie in (0, 1), got {eps_t}.")
-        self.beta_min, self.beta_max, self.eps_t = beta_min, beta_max, eps_t
-        self.c_noise_scale = num_train_timesteps - 1
 
     @property
     def t_min(self) -> float:
@@ -295,6 +291,23 @@ class ContinuousVPSchedule(NoiseSchedule):
     @property
     def t_max(self) -> float:
         return 1.0
+
+    def sample_t(self, batch_size: int, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu") -> Tensor:
+        return _uniform(batch_size, self.eps_t, 1.0, generator, device)
+
+
+class ContinuousVPSchedule(_SDESchedule):
+    """Song et al.'s VP SDE: ``alpha(t) = exp(-t^2 (b1 - b0)/4 - t b0/2)``, ``sigma = sqrt(1 - alpha^2)``.
+
+    Training t ~ U[eps_t, 1]; the net is told ``c_noise = (N - 1) t`` (999 t for N = 1000).
+    """
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, eps_t: float = 1e-3,
+                 num_train_timesteps: int = 1000) -> None:
+        self._check_eps_t(eps_t)
+        self.beta_min, self.beta_max, self.eps_t = beta_min, beta_max, eps_t
+        self.c_noise_scale = num_train_timesteps - 1
 
     def _log_alpha(self, t: Tensor) -> Tensor:
         t = _as_float64(t)
@@ -317,15 +330,11 @@ class ContinuousVPSchedule(NoiseSchedule):
             return rhs / self.beta_min
         return (-self.beta_min + (self.beta_min**2 + 4 * quad * rhs).sqrt()) / (2 * quad)
 
-    def sample_t(self, batch_size: int, generator: torch.Generator | None = None,
-                 device: torch.device | str = "cpu") -> Tensor:
-        return _uniform(batch_size, self.eps_t, 1.0, generator, device)
-
     def c_noise(self, t: Tensor) -> Tensor:
         return self.c_noise_scale * _as_float64(t)
 
 
-class VESchedule(NoiseSchedule):
+class VESchedule(_SDESchedule):
     """Song et al.'s VE SDE: ``alpha = 1``, ``sigma(t) = sigma_min (sigma_max / sigma_min)^t``.
 
     Training t ~ U[eps_t, 1]; the net is told ``c_noise = log(sigma) / 4``; the input is scaled by
@@ -336,17 +345,10 @@ class VESchedule(NoiseSchedule):
                  sigma_data: float = 0.5) -> None:
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"Need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}.")
+        self._check_eps_t(eps_t)
         self._sigma_min, self._sigma_max, self.eps_t = sigma_min, sigma_max, eps_t
         self.sigma_data = sigma_data
         self._log_ratio = math.log(sigma_max / sigma_min)
-
-    @property
-    def t_min(self) -> float:
-        return self.eps_t
-
-    @property
-    def t_max(self) -> float:
-        return 1.0
 
     def alpha(self, t: Tensor) -> Tensor:
         return torch.ones_like(_as_float64(t))
@@ -356,10 +358,6 @@ class VESchedule(NoiseSchedule):
 
     def t_of_sigma(self, sigma_tilde: Tensor) -> Tensor:
         return torch.log(_as_float64(sigma_tilde) / self._sigma_min) / self._log_ratio
-
-    def sample_t(self, batch_size: int, generator: torch.Generator | None = None,
-                 device: torch.device | str = "cpu") -> Tensor:
-        return _uniform(batch_size, self.eps_t, 1.0, generator, device)
 
     def c_noise(self, t: Tensor) -> Tensor:
         return self.sigma(t).log() / 4

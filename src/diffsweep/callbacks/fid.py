@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from diffsweep.hydra_utils import to_plain
 from diffsweep.metrics.features import FeatureExtractor, build_feature_extractor
 from diffsweep.metrics.fid import (FrechetDistance, GaussianStats, extract_features,
                                    load_or_compute_real_stats)
@@ -37,17 +38,6 @@ log = logging.getLogger(__name__)
 RANK_SEED_STRIDE = 1_000_003
 
 
-def _to_plain(obj: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return obj
-
-
 def resolve_pairs(pairs: Sequence[Any]) -> list[tuple[str, Sampler]]:
     """``[{sampler: ddim, num_steps: 20, **options}, Sampler(...), ...]`` -> ``[(name, Sampler)]``.
 
@@ -55,8 +45,7 @@ def resolve_pairs(pairs: Sequence[Any]) -> list[tuple[str, Sampler]]:
     (``spacing``, ``eta``, ...) go to :class:`~diffsweep.samplers.Sampler`. Names must be unique.
     """
     out: list[tuple[str, Sampler]] = []
-    for p in _to_plain(list(pairs)):
-        p = _to_plain(p)
+    for p in to_plain(list(pairs)):
         if isinstance(p, Sampler):
             out.append((p.name, p))
             continue
@@ -127,7 +116,7 @@ class FIDCallback(Callback):
         self.extractor_spec = extractor
         self.inception_weights = inception_weights
         self.download_timeout = download_timeout
-        self.extractor_options = dict(_to_plain(extractor_options) or {})
+        self.extractor_options = dict(to_plain(extractor_options) or {})
         self.real_split = real_split
         self.real_max_count = real_max_count
         self.batch_size = int(batch_size)

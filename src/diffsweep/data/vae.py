@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from diffsweep.hydra_utils import to_plain
+
 __all__ = ["LatentVAE", "require_diffusers", "IGNORED_CONFIG_KEYS"]
 
 # Config keys that do not change what ``encode`` computes: diffusers bookkeeping (``_*``) and the
@@ -46,22 +48,6 @@ def require_diffusers() -> Any:
             'pip install -e ".[latent]"   (or: pip install "diffusers>=0.30,<1" safetensors)'
         ) from err
     return AutoencoderKL
-
-
-def _plain(obj: Any) -> Any:
-    """OmegaConf containers / tuples -> plain JSON-able python (dict, list, scalars)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
 
 
 def _stable_hash(obj: Any, n: int = 16) -> str:
@@ -115,7 +101,7 @@ class LatentVAE:
         self.pretrained = None if pretrained is None else str(pretrained)
         self.subfolder = subfolder or None
         self.revision = revision or None
-        self._config_kwargs: dict[str, Any] | None = None if config is None else dict(_plain(config))
+        self._config_kwargs: dict[str, Any] | None = None if config is None else dict(to_plain(config))
         self.seed = int(seed)
         self.dtype_name = dtype
         self.dtype = _DTYPES[dtype]
@@ -167,7 +153,7 @@ class LatentVAE:
                         self.pretrained, subfolder=self.subfolder, revision=self.revision
                     )
                 )
-            self._config = _plain(cfg)
+            self._config = to_plain(cfg)
             self._check_declared()
         return self._config
 
@@ -255,7 +241,7 @@ class LatentVAE:
             model = model.eval().requires_grad_(False)
             self._model = model
             if self._config is None:
-                self._config = _plain(dict(model.config))
+                self._config = to_plain(dict(model.config))
                 self._check_declared()
         return self._model
 

@@ -17,6 +17,8 @@ from diffsweep.launch import HydraDDPStrategy
 from tests.conftest import CONFIGS
 
 submitit = pytest.importorskip("submitit")
+# Hydra validates our yaml against the plugin's schema of the same name, and says so.
+pytestmark = pytest.mark.filterwarnings(r"ignore:\s*'hydra/launcher/submitit_slurm' is validated")
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
 
 SLURM_OVERRIDES = ["hydra/launcher=submitit_slurm", "trainer=ddp", "trainer.devices=4",

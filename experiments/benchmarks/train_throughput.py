@@ -33,7 +33,6 @@ jobs, 2 intra-op threads are several times slower for these small convolutions; 
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import os
 import statistics
@@ -142,14 +141,25 @@ def make_loader(name: str, batch: int, num_batches: int = 16) -> torch.utils.dat
                                        batch_size=batch, shuffle=True, drop_last=True)
 
 
+#: Overrides of configs/train.yaml's module.optimizer (set by --fused).
+OPTIMIZER_OVERRIDES: dict[str, Any] = {}
+
+
+def optimizer_factory() -> Callable[..., torch.optim.Optimizer]:
+    """``module.optimizer`` of configs/train.yaml (AdamW partial), with OPTIMIZER_OVERRIDES."""
+    from hydra.utils import instantiate
+
+    cfg = OmegaConf.load(ROOT / "configs/train.yaml").module.optimizer
+    cfg = OmegaConf.merge(cfg, OPTIMIZER_OVERRIDES)
+    return instantiate(cfg)
+
+
 def make_module(name: str, **module_kwargs: Any):
     from diffsweep.module import DiffusionModule
     from diffsweep.schedules import DiscreteVPSchedule
 
     _, channels, res = CONFIGS[name]
-    optimizer = functools.partial(torch.optim.AdamW, lr=LR, betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=0.0)
-    return DiffusionModule(our_unet(name), DiscreteVPSchedule("linear"), optimizer,
+    return DiffusionModule(our_unet(name), DiscreteVPSchedule("linear"), optimizer_factory(),
                            image_shape=(channels, res, res), lr_warmup_steps=WARMUP_STEPS,
                            **module_kwargs)
 
@@ -311,13 +321,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--loops", default="lightning,bare,diffusers")
+    parser.add_argument("--fused", choices=("config", "true", "false"), default="config",
+                        help="AdamW fused= for our loops (config: as configs/train.yaml); the "
+                             "diffusers loop always uses torch's default AdamW, as its example")
     args = parser.parse_args()
+    if args.fused != "config":
+        OPTIMIZER_OVERRIDES["fused"] = args.fused == "true"
     torch.set_num_threads(args.threads)
     loops = args.loops.split(",")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
+    adamw = OmegaConf.to_container(OmegaConf.load(ROOT / "configs/train.yaml").module.optimizer)
+    adamw = {k: v for k, v in {**adamw, **OPTIMIZER_OVERRIDES}.items() if not k.startswith("_")}
     print(f"Machine: {machine_string()}; batch {args.batch}; {args.steps} timed steps x "
-          f"{args.rounds} rounds; {load_string()} at start\n")
+          f"{args.rounds} rounds; our AdamW {adamw}; {load_string()} at start\n")
     print("| config | params ours / diffusers | train GFLOP/img ours / diffusers |")
     print("|---|---|---|")
     for name in args.configs.split(","):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams(module.config)
 
     ckpt_path = resume_checkpoint(cfg, output_dir)
-    with run_status(output_dir, signature=hydra_signature()):
+    # One status file and lock per run: DDP ranks > 0 (and other SLURM tasks) run this same job.
+    status = (run_status(output_dir, signature=hydra_signature()) if trainer.is_global_zero
+              else contextlib.nullcontext())
+    with status:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     log.info("Run directory: %s", output_dir)

@@ -84,7 +84,10 @@ class ResumableDataLoader(DataLoader):
         self.batches_done = batches_done
 
     def state_dict(self) -> dict[str, int]:
+        if not isinstance(self.sampler, GlobalBatchSampler):  # e.g. Lightning's overfit_batches
+            return {}
         return {"epoch": self.sampler.epoch, "batches_done": int(self.batches_done())}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.sampler.resume(state["epoch"], state["batches_done"])
+        if state and isinstance(self.sampler, GlobalBatchSampler):
+            self.sampler.resume(state["epoch"], state["batches_done"])

@@ -143,3 +143,13 @@ def test_multirun_with_ddp_runs_each_job_once_with_two_ranks(tmp_path):
         rank_job = OmegaConf.load(job_dir / ".hydra" / launch.JOB_FILE)
         assert rank_job.config.scheduler.beta_schedule == schedule  # rank 1 ran this job's config
         assert rank_job.config.paths.output_dir == str(job_dir.resolve())
+
+
+def test_several_devices_without_trainer_ddp_also_use_the_hydra_aware_strategy(train_config):
+    from diffsweep.launch import HydraDDPStrategy
+    from diffsweep.train import default_strategy
+
+    assert isinstance(default_strategy(train_config("trainer.devices=4").trainer)["strategy"],
+                      HydraDDPStrategy)
+    assert default_strategy(train_config("trainer.devices=1").trainer) == {}
+    assert default_strategy(train_config("trainer=ddp").trainer) == {}  # its own strategy

@@ -49,6 +49,23 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
     return ckpt_path
 
 
+def default_strategy(trainer_cfg: DictConfig) -> dict[str, Any]:
+    """``strategy: auto`` with several devices -> our multirun-safe DDP (else Lightning's choice).
+
+    So ``python train.py trainer.devices=4`` (no ``trainer=ddp``) runs DDP whose ranks rebuild the
+    Hydra job instead of re-running the command line (Lightning #11300).
+    """
+    devices = trainer_cfg.get("devices", 1)
+    many = (isinstance(devices, int) and devices > 1) or (
+        OmegaConf.is_list(devices) and len(devices) > 1) or (
+        isinstance(devices, str) and devices.isdigit() and int(devices) > 1)
+    if trainer_cfg.get("strategy", "auto") == "auto" and many:
+        from diffsweep.launch import HydraDDPStrategy
+
+        return {"strategy": HydraDDPStrategy()}
+    return {}
+
+
 def order_callbacks(callbacks: list[L.Callback]) -> list[L.Callback]:
     """EMA first: its ``on_train_end`` must copy the averaged weights before others sample."""
     return sorted(callbacks, key=lambda cb: not isinstance(cb, EMA))
@@ -71,7 +88,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     callbacks = order_callbacks(instantiate_dict(cfg.get("callbacks"), "callbacks")
                                 + instantiate_dict(cfg.get("metrics"), "metrics"))
     loggers = instantiate_dict(cfg.get("logger"), "logger")
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                     **default_strategy(cfg.trainer))
     for logger in loggers:
         logger.log_hyperparams(module.config)
 

@@ -214,6 +214,30 @@ class DiffusionModule(L.LightningModule):
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
+                                    gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip directly when no gradient scaler is active (``32-true``, ``bf16-mixed``).
+
+        Lightning's mixed-precision plugin refuses to clip for optimizers that unscale internally
+        (``fused=True`` AdamW) even under ``bf16-mixed``, which has no scaler; there the gradients
+        are already unscaled, so clipping them here is exact. With a scaler (``16-mixed``)
+        Lightning's own path (and its error for fused optimizers) is kept.
+        """
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if not gradient_clip_val or scaler is not None:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val,
+                                                gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm in (None, "norm"):
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        elif gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            raise ValueError(f"Unknown gradient_clip_algorithm {gradient_clip_algorithm!r}; "
+                             f"choose norm or value.")
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.config is not None:
             checkpoint["diffsweep_config"] = self.config

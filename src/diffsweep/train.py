@@ -78,6 +78,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
 
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, datamodule.image_shape)

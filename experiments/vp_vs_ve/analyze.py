@@ -1,0 +1,157 @@
+"""Results CSV(s) written by ``evaluate.py`` -> markdown FID table + FID-vs-NFE plot per schedule.
+
+    python experiments/vp_vs_ve/analyze.py experiments/vp_vs_ve/results.csv \
+        --budgets 5,10,20,50 --out-dir experiments/vp_vs_ve
+
+Table: one row per (training schedule, sampler, spacing), one column per NFE budget; a cell is the
+FID of the run with the largest NFE within the budget (and above the previous budget), with the
+actual NFE in brackets when it differs (heun spends 2n - 1 evaluations, so 9 sits in the 10 column).
+Rows repeated with different noise seeds are averaged (the number of seeds is then given as ``n=``).
+Plot: one panel per schedule, one line per sampler, log-x NFE, log-y FID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Sequence
+
+Key = tuple[str, str, str]  # (schedule, sampler, spacing)
+
+SCHEDULE_ORDER = ("linear", "cosine", "scaled_linear", "vp_continuous", "ve", "edm")
+
+
+def load_rows(paths: Iterable[str | Path]) -> list[dict[str, str]]:
+    """All rows with a FID from the given results CSVs (missing files raise FileNotFoundError)."""
+    rows: list[dict[str, str]] = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"No results file {path}; run the study's run.sh first.")
+        with open(path, newline="") as handle:
+            rows.extend(r for r in csv.DictReader(handle) if r.get("fid", "") not in ("", None))
+    return rows
+
+
+def _schedule_rank(name: str) -> tuple[int, str]:
+    return (SCHEDULE_ORDER.index(name) if name in SCHEDULE_ORDER else len(SCHEDULE_ORDER), name)
+
+
+def group(rows: Sequence[dict[str, str]]) -> dict[Key, dict[int, list[float]]]:
+    """``{(schedule, sampler, spacing): {nfe: [fid per seed]}}``."""
+    out: dict[Key, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        key = (r.get("train_scheduler") or "?", r["sampler"], r.get("spacing") or "")
+        out[key][int(float(r["nfe"]))].append(float(r["fid"]))
+    return {k: dict(v) for k, v in sorted(out.items(), key=lambda kv: (_schedule_rank(kv[0][0]),
+                                                                         kv[0][1:]))}
+
+
+def _cell(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
+
+
+def markdown_table(rows: Sequence[dict[str, str]], budgets: Sequence[int] | None = None) -> str:
+    """Rows: schedule x sampler (spacing); columns: NFE budgets; values: FID."""
+    groups = group(rows)
+    if budgets is None:
+        budgets = sorted({nfe for by_nfe in groups.values() for nfe in by_nfe})
+    budgets = sorted(budgets)
+    lines = ["| schedule | sampler | spacing | " + " | ".join(f"NFE {b}" for b in budgets) + " |",
+             "|---|---|---|" + "---:|" * len(budgets)]
+    for (schedule, sampler, spacing), by_nfe in groups.items():
+        cells, lower = [], 0
+        for budget in budgets:
+            inside = [n for n in by_nfe if lower < n <= budget]
+            lower = budget
+            if not inside:
+                cells.append("–")
+                continue
+            nfe = max(inside)
+            text = _cell(by_nfe[nfe])
+            cells.append(text if nfe == budget else f"{text} ({nfe})")
+        lines.append(f"| {schedule} | {sampler} | {spacing} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: Sequence[dict[str, str]], path: str | Path, title: str = "",
+         floor: tuple[float, float] | None = None) -> Path:
+    """FID vs NFE, one panel per schedule (log-x, log-y); ``floor=(mean, std)`` draws a grey band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = group(rows)
+    schedules = sorted({k[0] for k in groups}, key=_schedule_rank)
+    fig, axes = plt.subplots(1, len(schedules), figsize=(4.2 * len(schedules), 3.6),
+                             squeeze=False, sharey=True)
+    for ax, schedule in zip(axes[0], schedules):
+        for (sched, sampler, spacing), by_nfe in groups.items():
+            if sched != schedule:
+                continue
+            nfes = sorted(by_nfe)
+            means = [statistics.fmean(by_nfe[n]) for n in nfes]
+            ax.plot(nfes, means, marker="o", ms=3.5, label=f"{sampler} ({spacing})")
+        if floor is not None:
+            mean, std = floor
+            ax.axhspan(max(mean - 2 * std, 1e-3), mean + 2 * std, color="grey", alpha=0.25,
+                       label="seed noise (±2 sd)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"trained with {schedule}")
+        ax.set_xlabel("NFE (denoiser evaluations)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("classifier-FID (not Inception FID)")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def describe(rows: Sequence[dict[str, str]]) -> str:
+    """One line naming what the rows were made with (checkpoints' steps, samples, extractor)."""
+    def values(key: str) -> str:
+        return ",".join(sorted({r.get(key, "") for r in rows if r.get(key, "")})) or "?"
+    return (f"{len(rows)} evaluations; training steps {values('step')}; FID samples "
+            f"{values('fid_samples')}; extractor {values('fid_extractor')}; noise seeds "
+            f"{values('seed')}.")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    here = Path(__file__).resolve().parent
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="*", default=[str(here / "results.csv")],
+                        help="results CSVs written by evaluate.py (default: results.csv here)")
+    parser.add_argument("--budgets", default="",
+                        help="comma-separated NFE columns (default: every NFE seen)")
+    parser.add_argument("--out-dir", default=str(here), help="where results.md and the PNG go")
+    parser.add_argument("--title", default="VP (linear, cosine) vs VE: classifier-FID vs NFE")
+    args = parser.parse_args(argv)
+
+    rows = load_rows(args.results)
+    budgets = [int(b) for b in args.budgets.split(",") if b] or None
+    out = Path(args.out_dir)
+    png = plot(rows, out / "fid_vs_nfe.png", title=args.title)
+    text = (f"# {args.title}\n\nGenerated by `analyze.py` from "
+            f"{', '.join(Path(p).name for p in args.results)}: {describe(rows)}\n\n"
+            "Classifier-FID (lower is better) is NOT comparable to published Inception FID.\n\n"
+            + markdown_table(rows, budgets) + f"\n![FID vs NFE]({png.name})\n")
+    (out / "results.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""experiments/vp_vs_ve and experiments/step_count: analyze.py on synthetic results, experiment configs."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, compose_config
+
+COLUMNS = ["ckpt_path", "step", "train_data", "train_model", "train_scheduler", "sampler",
+           "num_steps", "spacing", "nfe", "options", "seed", "grid", "samples_per_s", "fid",
+           "fid_extractor", "fid_samples", "fid_seconds", "wall_time_s"]
+
+
+def _load(study: str):
+    path = REPO / "experiments" / study / "analyze.py"
+    spec = importlib.util.spec_from_file_location(f"analyze_{study}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write_results(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _row(schedule, sampler, num_steps, nfe, fid, spacing="karras", seed=0):
+    return {"ckpt_path": f"{schedule}.ckpt", "step": 600, "train_data": "digits",
+            "train_model": "unet_tiny", "train_scheduler": schedule, "sampler": sampler,
+            "num_steps": num_steps, "spacing": spacing, "nfe": nfe, "seed": seed, "fid": fid,
+            "fid_extractor": "classifier", "fid_samples": 500}
+
+
+def _synthetic(path: Path) -> Path:
+    rows = []
+    for schedule in ("linear", "ve"):
+        for steps in (5, 10, 20):
+            rows.append(_row(schedule, "euler", steps, steps, 100.0 / steps))
+        for steps, nfe in ((3, 5), (5, 9), (10, 19)):
+            rows.append(_row(schedule, "heun", steps, nfe, 50.0 / steps))
+    rows.append(_row("linear", "ddim", 10, 10, 7.0, spacing="leading"))
+    rows += [_row("linear", "euler", 20, 20, fid, seed=s) for s, fid in ((1, 6.0), (2, 4.0))]
+    return _write_results(path, rows)
+
+
+def test_vp_vs_ve_analyze_writes_table_and_png(tmp_path):
+    analyze = _load("vp_vs_ve")
+    results = _synthetic(tmp_path / "results.csv")
+    table = analyze.markdown_table(analyze.load_rows([results]), budgets=[5, 10, 20])
+    lines = table.strip().splitlines()
+    assert lines[0] == "| schedule | sampler | spacing | NFE 5 | NFE 10 | NFE 20 |"
+    # Rows ordered by schedule (linear before ve), then sampler; heun's 9 and 19 go in 10 and 20.
+    assert lines[2] == "| linear | ddim | leading | – | 7.00 | – |"
+    assert lines[3] == "| linear | euler | karras | 20.00 | 10.00 | 5.00 ± 1.00 (n=3) |"
+    assert lines[4] == "| linear | heun | karras | 16.67 | 10.00 (9) | 5.00 (19) |"
+    assert lines[5].startswith("| ve | euler | karras | 20.00")
+    assert len(lines) == 2 + 5
+
+    analyze.main([str(results), "--budgets", "5,10,20", "--out-dir", str(tmp_path / "out")])
+    png = tmp_path / "out" / "fid_vs_nfe.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| linear | heun | karras |" in md and "fid_vs_nfe.png" in md
+    assert "NOT comparable" in md
+
+
+def test_step_count_analyze_reports_seed_noise(tmp_path):
+    analyze = _load("step_count")
+    results = _synthetic(tmp_path / "results.csv")
+    noise = analyze.seed_noise(analyze.load_rows([results]))
+    assert noise == [("linear / euler (karras)", 20, [5.0, 6.0, 4.0])]
+    analyze.main([str(results), "--out-dir", str(tmp_path)])
+    md = (tmp_path / "results.md").read_text()
+    assert "| linear / euler (karras) | 20 | 3 | 5.00, 6.00, 4.00 | 5.00 | 1.00 |" in md
+    assert "| NFE 5 | NFE 9 | NFE 10 | NFE 19 | NFE 20 |" in md   # default: every NFE seen
+    assert (tmp_path / "fid_vs_nfe.png").stat().st_size > 1000
+
+
+def test_analyze_missing_file_names_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run.sh"):
+        _load("vp_vs_ve").load_rows([tmp_path / "nope.csv"])
+
+
+@pytest.mark.parametrize("scheduler,target", [("linear", "DiscreteVPSchedule"),
+                                              ("cosine", "DiscreteVPSchedule"),
+                                              ("ve", "VESchedule")])
+def test_vp_vs_ve_config_composes(tmp_path, scheduler, target):
+    cfg = compose_config("train", ["experiment=vp_vs_ve", f"scheduler={scheduler}"], tmp_path)
+    assert cfg.task_name == "vp_vs_ve" and "vp_vs_ve" in cfg.tags
+    assert cfg.scheduler._target_.endswith(target)
+    assert cfg.data.resolution == 16 and cfg.model.base_channels == 16
+    assert cfg.trainer.accelerator == "cpu" and cfg.trainer.max_steps == 600
+    assert not cfg.get("metrics")
+    assert cfg.hydra.sweep.dir.startswith("logs/vp_vs_ve/multiruns/")
+
+
+def test_step_count_config_composes(tmp_path):
+    cfg = compose_config("train", ["experiment=step_count"], tmp_path)
+    assert cfg.task_name == "step_count" and cfg.tags == ["step_count", "cpu_budget"]
+    assert cfg.scheduler.beta_schedule == "linear" and cfg.trainer.max_steps == 600
+
+
+def test_eval_sweep_config_composes(tmp_path):
+    cfg = compose_config("evaluate", ["experiment=eval_sweep", "ckpt_path=x.ckpt",
+                                      "sampler=heun", "sampler.spacing=karras"], tmp_path)
+    assert cfg.metrics.fid.extractor == "classifier" and cfg.metrics.fid.num_samples == 500
+    assert cfg.task_name == "eval_sweep" and cfg.grid_samples == 25
+    assert cfg.sampler.method == "heun"
+
+
+def test_every_experiment_config_composes(tmp_path):
+    for path in sorted((REPO / "configs" / "experiment").glob("*.yaml")):
+        name = "evaluate" if path.stem.startswith("eval") else "train"
+        cfg = compose_config(name, [f"experiment={path.stem}", "ckpt_path=x.ckpt"], tmp_path)
+        assert cfg.task_name, path

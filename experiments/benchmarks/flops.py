@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,30 +30,21 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import best_of  # noqa: E402
 from train_throughput import (CONFIGS, forward_flops, load_string, machine_string,  # noqa: E402
                               our_unet, time_bare)
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def matmul_gflops(n: int, dtype: torch.dtype, repeats: int) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n**3 / best_time(lambda: a @ b, repeats) / 1e9
+    return 2 * n**3 / best_of(lambda: a @ b, repeats) / 1e9
 
 
 def conv1x1_gflops(dtype: torch.dtype, repeats: int) -> float:
     x = torch.randn(64, 1024, 8, 8, dtype=dtype)
     weight = torch.randn(1024, 1024, 1, 1, dtype=dtype)
     with torch.no_grad():
-        seconds = best_time(lambda: F.conv2d(x, weight), repeats)
+        seconds = best_of(lambda: F.conv2d(x, weight), repeats)
     return 2 * 64 * 8 * 8 * 1024 * 1024 / seconds / 1e9
 
 
@@ -81,7 +71,7 @@ def conv_gflops(shape, batch: int, dtype: torch.dtype, repeats: int) -> float:
     weight = torch.randn(c_out, c_in, 3, 3, dtype=dtype)
     bias = torch.randn(c_out, dtype=dtype)
     with torch.no_grad():
-        seconds = best_time(lambda: F.conv2d(x, weight, bias, stride, 1), repeats)
+        seconds = best_of(lambda: F.conv2d(x, weight, bias, stride, 1), repeats)
     h_out, w_out = (h + stride - 1) // stride, (w + stride - 1) // stride
     return 2 * batch * c_out * h_out * w_out * c_in * 9 / seconds / 1e9
 

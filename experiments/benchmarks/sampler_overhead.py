@@ -11,7 +11,7 @@ contract: overhead per step < 2% of the forward.
 from __future__ import annotations
 
 import argparse
-import time
+import sys
 from pathlib import Path
 
 import torch
@@ -21,6 +21,9 @@ from torch import nn
 from diffsweep.denoiser import Denoiser
 from diffsweep.samplers import SAMPLERS, Sampler
 from diffsweep.schedules import DiscreteVPSchedule
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import best_of  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,17 +43,6 @@ def unet(channels: int, resolution: int) -> nn.Module:
     cfg.pop("_target_")
     cfg.update(in_channels=channels, resolution=resolution)
     return UNet(**cfg).eval()
-
-
-def best_of(fn, repeats: int) -> float:
-    """Minimum wall time of ``fn()`` over ``repeats`` runs, after one warm-up, in seconds."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:

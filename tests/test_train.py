@@ -103,3 +103,14 @@ def test_class_conditional_training_and_guided_sampling(train_config):
                            class_labels=labels, guidance_scale=3.0)
     assert plain.shape == guided.shape == (4, 1, 16, 16)
     assert torch.isfinite(guided).all() and not torch.equal(plain, guided)
+
+
+def test_plain_multirun_without_sweep_dir_override(tmp_path):
+    """``python train.py -m ...`` with the default sweep dir (under the launch directory)."""
+    result = run_entry_point("train.py", "-m", "debug=fast_dev_run", "scheduler=linear,cosine",
+                             "data.batch_size=16", "sampler.num_steps=2",
+                             "callbacks.sample_grid.num_samples=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p.name for p in (tmp_path / "logs" / "debug" / "multiruns").glob("*/*")
+                  if p.is_dir())
+    assert jobs == ["0", "1"]

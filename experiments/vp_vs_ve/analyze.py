@@ -23,6 +23,8 @@ from typing import Iterable, Sequence
 Key = tuple[str, str, str]  # (schedule, sampler, spacing)
 
 SCHEDULE_ORDER = ("linear", "cosine", "scaled_linear", "vp_continuous", "ve", "edm")
+SAMPLER_ORDER = ("ddim", "ddpm", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde",
+                 "lms", "unipc")
 
 
 def load_rows(paths: Iterable[str | Path]) -> list[dict[str, str]]:
@@ -89,8 +91,14 @@ def plot(rows: Sequence[dict[str, str]], path: str | Path, title: str = "",
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
     groups = group(rows)
     schedules = sorted({k[0] for k in groups}, key=_schedule_rank)
+    styles = sorted({k[1:] for k in groups},
+                    key=lambda k: (SAMPLER_ORDER.index(k[0]) if k[0] in SAMPLER_ORDER else 99, k))
+    colors = {style: f"C{i % 10}" for i, style in enumerate(styles)}  # same colour in every panel
+    all_nfe = sorted({n for by_nfe in groups.values() for n in by_nfe})
     fig, axes = plt.subplots(1, len(schedules), figsize=(4.2 * len(schedules), 3.6),
                              squeeze=False, sharey=True)
     for ax, schedule in zip(axes[0], schedules):
@@ -99,13 +107,20 @@ def plot(rows: Sequence[dict[str, str]], path: str | Path, title: str = "",
                 continue
             nfes = sorted(by_nfe)
             means = [statistics.fmean(by_nfe[n]) for n in nfes]
-            ax.plot(nfes, means, marker="o", ms=3.5, label=f"{sampler} ({spacing})")
+            ax.plot(nfes, means, marker="o", ms=3.5, color=colors[(sampler, spacing)],
+                    label=f"{sampler} ({spacing})")
         if floor is not None:
             mean, std = floor
             ax.axhspan(max(mean - 2 * std, 1e-3), mean + 2 * std, color="grey", alpha=0.25,
                        label="seed noise (±2 sd)")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ticks = [n for n in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+                 if all_nfe[0] <= n <= all_nfe[-1]]
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.tick_params(axis="x", labelsize=7)
         ax.set_title(f"trained with {schedule}")
         ax.set_xlabel("NFE (denoiser evaluations)")
         ax.grid(True, which="both", alpha=0.3)

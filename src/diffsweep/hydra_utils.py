@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -24,11 +25,17 @@ def _exact_div(numerator: Any, denominator: Any) -> int:
     return numerator // denominator
 
 
+def _absolute_path(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(str(path)))
+
+
 def register_resolvers() -> None:
     """Register diffsweep's resolvers (idempotent; runs when this module is imported):
 
     - ``${diffsweep.div:a,b}``: exact integer division (latent resolution = image resolution /
       the VAE's down-sampling);
+    - ``${diffsweep.abspath:path}``: ``path`` made absolute against the launch directory (works
+      before a multirun starts, where ``${hydra:runtime.cwd}`` is not yet set);
     - ``${diffsweep.run_dir:runs_dir,new_name,resume,signature}``: the run directory, reusing an
       unfinished run of the same command (see :mod:`diffsweep.resume`).
     """
@@ -36,6 +43,8 @@ def register_resolvers() -> None:
 
     if not OmegaConf.has_resolver("diffsweep.div"):
         OmegaConf.register_new_resolver("diffsweep.div", _exact_div)
+    if not OmegaConf.has_resolver("diffsweep.abspath"):
+        OmegaConf.register_new_resolver("diffsweep.abspath", _absolute_path)
     if not OmegaConf.has_resolver("diffsweep.run_dir"):
         OmegaConf.register_new_resolver("diffsweep.run_dir", resumable_run_dir, use_cache=True)
 

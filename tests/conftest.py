@@ -49,6 +49,17 @@ def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> 
     return cfg
 
 
+@pytest.fixture(autouse=True)
+def restore_rank_zero():
+    """A Trainer built as rank > 0 (SLURM/DDP tests) sets Lightning's process-global rank; later
+    tests in this process would silently skip every rank-zero-only action (logs, checkpoints)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    rank = getattr(rank_zero_only, "rank", 0)
+    yield
+    rank_zero_only.rank = rank
+
+
 @pytest.fixture
 def single_thread():
     """One intra-op thread: tiny CPU kernels run several times faster than with two."""

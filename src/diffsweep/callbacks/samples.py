@@ -58,13 +58,14 @@ class SampleGrid(Callback):
         self.last_path: Path | None = None
 
     def _grid(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
+        if not trainer.is_global_zero:  # only rank 0 writes the grid; sampling has no collectives
+            return
         generator = torch.Generator().manual_seed(self.seed)
         samples = pl_module.sample(self.sampler, self.num_samples, generator=generator)
         images = decode_to_images(trainer, samples)
-        if trainer.is_global_zero:
-            path = save_grid(images, self.output_dir / "samples" / f"{name}.png")
-            self.last_path = path
-            log_image(trainer.loggers, "samples", path, trainer.global_step)
+        path = save_grid(images, self.output_dir / "samples" / f"{name}.png")
+        self.last_path = path
+        log_image(trainer.loggers, "samples", path, trainer.global_step)
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                 outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -73,7 +73,9 @@ class Denoiser(nn.Module):
         return torch.float32
 
     def _sigma_batch(self, x: Tensor, sigma: Tensor | float) -> Tensor:
-        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
+        """sigma~ as a float64 CPU tensor of shape (B,): schedule tables live on the CPU, and the
+        per-sample terms computed from them are moved to x's device afterwards."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).cpu()
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         return sigma
@@ -84,17 +86,17 @@ class Denoiser(nn.Module):
         ``c_in * x~`` is computed in x~'s dtype and returned in :attr:`net_dtype`; c_noise is float32.
         """
         sigma = self._sigma_batch(x, sigma)
-        c_in = self.schedule.c_in(sigma)
+        c_in = self.schedule.c_in(sigma).to(x.device)
         c_noise = self.schedule.c_noise(self.schedule.t_of_sigma(sigma))
         x_in = (x * append_dims(c_in, x.ndim).to(x.dtype)).to(self.net_dtype)
-        return x_in, c_noise.to(torch.float32), c_in
+        return x_in, c_noise.to(device=x.device, dtype=torch.float32), c_in
 
     def eps_from_output(self, output: Tensor, x: Tensor, sigma: Tensor, c_in: Tensor) -> Tensor:
         """Convert the net's raw output to eps in x~'s dtype (see the module docstring)."""
         output = output.to(x.dtype)
         if self.prediction_type == "epsilon":
             return output
-        sigma_b = append_dims(sigma, x.ndim).to(x.dtype)
+        sigma_b = append_dims(sigma, x.ndim).to(device=x.device, dtype=x.dtype)
         if self.prediction_type == "sample":
             return (x - output) / sigma_b.clamp_min(1e-20)
         # Unit-variance form: with a = c_in * sigma_data, s = sigma~ * c_in (a^2 + s^2 = 1) the input
@@ -118,7 +120,7 @@ class Denoiser(nn.Module):
         """``x0_hat = x~ - sigma~ * eps_hat``."""
         sigma_batch = self._sigma_batch(x, sigma)
         eps = self.eps(x, sigma_batch, class_labels)
-        return x - append_dims(sigma_batch, x.ndim).to(x.dtype) * eps
+        return x - append_dims(sigma_batch, x.ndim).to(device=x.device, dtype=x.dtype) * eps
 
     def training_target(self, x0: Tensor, eps: Tensor, sigma: Tensor) -> Tensor:
         """What the net's output is regressed on for this prediction type."""
@@ -126,8 +128,8 @@ class Denoiser(nn.Module):
             return eps
         if self.prediction_type == "sample":
             return x0
-        c_in = append_dims(self.schedule.c_in(sigma), x0.ndim).to(x0.dtype)
-        sigma_b = append_dims(sigma, x0.ndim).to(x0.dtype)
+        c_in = append_dims(self.schedule.c_in(sigma), x0.ndim).to(device=x0.device, dtype=x0.dtype)
+        sigma_b = append_dims(sigma, x0.ndim).to(device=x0.device, dtype=x0.dtype)
         data = self.schedule.sigma_data
         return c_in * data * eps - (sigma_b * c_in / data) * x0
 

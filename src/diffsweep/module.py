@@ -123,7 +123,7 @@ class DiffusionModule(L.LightningModule):
             output = self.net(x_in, c_noise.to(x0.device))
         else:
             output = self.net(x_in, c_noise.to(x0.device), class_labels)
-        target = self.denoiser.training_target(x0, eps, sigma_device)
+        target = self.denoiser.training_target(x0, eps, sigma)
         return F.mse_loss(output.float(), target.float())
 
     def _step_generators(self, device: torch.device) -> tuple[torch.Generator, torch.Generator]:

@@ -73,19 +73,25 @@ def check_compatible(checkpoint_cfg: dict[str, Any], cfg: DictConfig | dict[str,
 def load_module(path: str | Path, weights: str = "ema",
                 map_location: str | torch.device = "cpu") -> DiffusionModule:
     """Rebuild the DiffusionModule of a checkpoint and load ``weights`` (``ema`` or ``raw``)."""
-    checkpoint = read_checkpoint(path)
+    return module_from_checkpoint(read_checkpoint(path), weights, source=str(path)).to(
+        map_location).eval()
+
+
+def module_from_checkpoint(checkpoint: dict[str, Any], weights: str = "ema",
+                           source: str = "the checkpoint") -> DiffusionModule:
+    """The DiffusionModule of an already loaded checkpoint dict, with ``weights`` loaded."""
     cfg = checkpoint.get("diffsweep_config")
     if cfg is None:
-        raise ValueError(f"Checkpoint {path} has no diffsweep_config; it was not written by "
+        raise ValueError(f"{source} has no diffsweep_config; it was not written by "
                          f"diffsweep's train.py.")
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}.")
     state_key = "state_dict"
-    if weights == "raw":
-        state_key = "current_model_state" if "current_model_state" in checkpoint else "state_dict"
+    if weights == "raw" and "current_model_state" in checkpoint:
+        state_key = "current_model_state"
     module = build_module_from_config(cfg)
     module.load_state_dict(strip_compile_prefix(checkpoint[state_key]))
-    return module.to(map_location).eval()
+    return module.eval()
 
 
 def build_module_from_config(cfg: dict[str, Any]) -> DiffusionModule:

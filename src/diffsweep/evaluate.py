@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffsweep.callbacks.samples import save_grid
 from diffsweep.grids import resolve_spacing
-from diffsweep.checkpoints import load_module, read_checkpoint
+from diffsweep.checkpoints import module_from_checkpoint, read_checkpoint
 from diffsweep.hydra_utils import instantiate_dict, print_config_tree, run_config_dict
 from diffsweep.results import append_row
 
@@ -41,7 +41,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     device = _device(cfg.device)
     checkpoint = read_checkpoint(cfg.ckpt_path)
     train_cfg = checkpoint.get("diffsweep_config") or {}
-    module = load_module(cfg.ckpt_path, weights=cfg.weights).to(device)
+    module = module_from_checkpoint(checkpoint, cfg.weights, source=str(cfg.ckpt_path)).to(device)
     sampler = instantiate(cfg.sampler)
     datamodule = instantiate(OmegaConf.create(train_cfg["data"]))
     datamodule.prepare_data()

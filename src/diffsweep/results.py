@@ -51,8 +51,11 @@ def append_row(path: str | Path, row: dict[str, Any]) -> None:
         writer.writeheader()
         writer.writerows(rows)
         partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        with open(partial, "w", newline="") as handle:
-            handle.write(buffer.getvalue())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
+        try:
+            with open(partial, "w", newline="") as handle:
+                handle.write(buffer.getvalue())
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)

@@ -136,7 +136,3 @@ class EMA(WeightAveraging):
         """The decay used by the most recent update."""
         return self._avg_fn.decay
 
-
-def has_ema(trainer: L.Trainer) -> bool:
-    """Whether the trainer averages weights (so validation runs on EMA weights)."""
-    return any(isinstance(cb, WeightAveraging) for cb in trainer.callbacks)

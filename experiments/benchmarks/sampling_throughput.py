@@ -5,9 +5,14 @@ At equal NFE and batch, for each config of ``train_throughput.py`` (our UNet fro
 
 - ``ours``: ``DiffusionModule.sample(Sampler(method, num_steps))`` (float64 state, the real path
   used by the sample-grid and FID callbacks);
+- ``ours compiled``: the same with ``compile=True`` (``module.sample_compile``,
+  ``evaluate.py compile=true``): a compiled copy of the net with inductor ``freezing``; its
+  one-off compile time (the warm-up call) is printed separately and not in img/s;
 - ``ours@diffusers-net``: the same sampler over the diffusers net (isolates sampler overhead);
 - ``diffusers``: ``DDIMPipeline`` (ddim) / ``DDPMPipeline`` with ``DPMSolverMultistepScheduler``
   (dpmpp_2m), ``output_type="np"``, progress bar off;
+- ``diffusers compiled`` (``--compile-diffusers``): the pipeline with
+  ``pipe.unet = torch.compile(pipe.unet)``, as diffusers' docs suggest for speed;
 - ``net fwd``: one forward of each net at the same batch (the floor for ms/NFE).
 
 Rounds are interleaved; medians are printed. ``--precision bf16`` runs everything under
@@ -65,12 +70,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled cases")
+    parser.add_argument("--compile-diffusers", action="store_true",
+                        help="also time diffusers' pipeline with a torch.compile'd UNet")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"Machine: {machine_string()}; batch {args.batch}; NFE {args.nfe}; {args.rounds} rounds; "
           f"{load_string()} at start\n")
 
     rows = []
+    compile_seconds: dict[tuple[str, str, str, str], float] = {}
     for name in args.configs.split(","):
         _, c, r = CONFIGS[name]
         module = make_module(name).eval()
@@ -84,22 +93,35 @@ def main() -> None:
                 sampler = Sampler(method, num_steps=args.nfe)
                 assert sampler.nfe == args.nfe, "use a one-NFE-per-step sampler"
                 pipe = diffusers_pipeline(method, theirs)
+                compiled_pipe = diffusers_pipeline(method, torch.compile(theirs))
                 cases = {
                     "ours": lambda: module.sample(sampler, args.batch,
                                                   generator=torch.Generator().manual_seed(0)),
+                    "ours compiled": lambda: module.sample(
+                        sampler, args.batch, generator=torch.Generator().manual_seed(0),
+                        compile=True),
                     "ours@diffusers-net": lambda: sampler(
                         their_denoiser, module.schedule, (args.batch, c, r, r),
                         generator=torch.Generator().manual_seed(0)),
                     "diffusers": lambda: pipe(batch_size=args.batch, num_inference_steps=args.nfe,
                                               output_type="np",
                                               generator=torch.Generator().manual_seed(0)),
+                    "diffusers compiled": lambda: compiled_pipe(
+                        batch_size=args.batch, num_inference_steps=args.nfe, output_type="np",
+                        generator=torch.Generator().manual_seed(0)),
                     "fwd ours": lambda: module.net(x, t),
                     "fwd diffusers": lambda: theirs(x, t),
                 }
+                if args.no_compile:
+                    del cases["ours compiled"]
+                if args.no_compile or not args.compile_diffusers:
+                    del cases["diffusers compiled"]
                 times: dict[str, list[float]] = {k: [] for k in cases}
                 with torch.no_grad(), autocast:
-                    for fn in cases.values():  # warm-up
-                        fn()
+                    for key, fn in cases.items():  # warm-up (and the compiles)
+                        warmup_s = _timed(fn)
+                        if "compiled" in key:
+                            compile_seconds[(name, precision, method, key)] = warmup_s
                     for _ in range(args.rounds):
                         for key, fn in cases.items():
                             times[key].append(_timed(fn))
@@ -122,6 +144,19 @@ def main() -> None:
               f"{1e3 * theirs_t / args.nfe:.1f} | {1e3 * med(times['fwd ours']):.1f} / "
               f"{1e3 * med(times['fwd diffusers']):.1f} | {ratio_same:.3f} "
               f"({1e3 * same_net / args.nfe:.1f} ms/NFE) |")
+    compiled = [key for key in ("ours compiled", "diffusers compiled") if key in rows[0][3]]
+    if compiled:
+        print("\nCompiled (one-off compile = the warm-up call, not in img/s):\n")
+        print("| config | precision | sampler (NFE) | " + " | ".join(
+            f"{key} img/s | {key} / diffusers | {key} compile s" for key in compiled) + " |")
+        print("|---|---|---|" + "---|---|---|" * len(compiled))
+        for name, precision, method, times in rows:
+            cells = []
+            for key in compiled:
+                ratio = med(d / o for o, d in zip(times[key], times["diffusers"]))
+                cells.append(f"{args.batch / med(times[key]):.1f} | {ratio:.3f} | "
+                             f"{compile_seconds[(name, precision, method, key)]:.0f}")
+            print(f"| {name} | {precision} | {method} ({args.nfe}) | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffsweep.callbacks.samples import save_grid
 from diffsweep.grids import resolve_spacing
 from diffsweep.checkpoints import module_from_checkpoint, read_checkpoint
+from diffsweep.inference import autocast_dtype
 from diffsweep.hydra_utils import instantiate_dict, print_config_tree, run_config_dict
 from diffsweep.results import append_row
 
@@ -39,9 +40,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     print_config_tree(cfg, save_to=output_dir / "config_tree.log")
     device = _device(cfg.device)
+    autocast_dtype(cfg.get("precision", 32))  # an unknown precision fails before any work
     checkpoint = read_checkpoint(cfg.ckpt_path)
     train_cfg = checkpoint.get("diffsweep_config") or {}
     module = module_from_checkpoint(checkpoint, cfg.weights, source=str(cfg.ckpt_path)).to(device)
+    module.sample_precision = str(cfg.get("precision", 32))  # grid and FID sampling alike
+    module.sample_compile = bool(cfg.get("compile", False))
     sampler = instantiate(cfg.sampler)
     datamodule = instantiate(OmegaConf.create(train_cfg["data"]))
     datamodule.prepare_data()
@@ -60,7 +64,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         **_train_choices(train_cfg), "sampler": sampler.method_name,
         "num_steps": sampler.num_steps, "spacing": resolve_spacing(module.schedule, sampler.spacing), "nfe": sampler.nfe,
         "options": ";".join(f"{k}={v}" for k, v in sampler.options.items()),
-        "seed": cfg.seed, "grid": str(grid_path),
+        "seed": cfg.seed, "precision": module.sample_precision,
+        "compile": module.sample_compile, "grid": str(grid_path),
         "samples_per_s": round(cfg.grid_samples / grid_seconds, 3),
     }
     fid_callbacks = instantiate_dict(cfg.get("metrics"), "metrics", pairs=[sampler])

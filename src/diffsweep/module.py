@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffsweep.denoiser import ClassifierFreeGuidance, Denoiser, append_dims
+from diffsweep.inference import FrozenCompiledNet, autocast_dtype, sampling_precision
 from diffsweep.samplers import Sampler
 from diffsweep.schedules import NoiseSchedule
 
@@ -47,7 +48,12 @@ class DiffusionModule(L.LightningModule):
             None: a random seed (stored in checkpoints).
         compile: ``torch.compile`` the net in place (``nn.Module.compile``): parameter names keep
             no ``_orig_mod.`` prefix, so checkpoints load with or without compile, EMA included.
-        compile_options: keyword arguments of ``torch.compile`` (``mode``, ``backend``, ...).
+        compile_options: keyword arguments of ``torch.compile`` (``mode``, ``backend``, ...), for
+            both ``compile`` and ``sample_compile``.
+        sample_precision: precision of the net while sampling (grids, FID, ``evaluate.py``):
+            ``32``, ``bf16`` or ``16`` (autocast); the sampler's own state stays float64.
+        sample_compile: sample with a compiled copy of the net whose weights are frozen in
+            (:class:`diffsweep.inference.FrozenCompiledNet`), rebuilt whenever the weights change.
         config: the composed run config, stored in checkpoints so ``evaluate.py`` can rebuild
             the model without the original command line.
     """
@@ -57,6 +63,7 @@ class DiffusionModule(L.LightningModule):
                  prediction_type: str = "epsilon", lr_warmup_steps: int = 0,
                  label_dropout: float = 0.1, seed: int | None = None,
                  compile: bool = False, compile_options: dict[str, Any] | None = None,
+                 sample_precision: str = "32", sample_compile: bool = False,
                  config: dict | None = None) -> None:
         super().__init__()
         if compile:
@@ -73,6 +80,12 @@ class DiffusionModule(L.LightningModule):
         self.label_dropout = label_dropout
         self.seed = int(seed) if seed is not None else int(torch.randint(0, 2**31, (1,)))
         self.config = config
+        autocast_dtype(sample_precision)  # fail at construction on an unknown name
+        self.sample_precision = str(sample_precision)
+        self.sample_compile = sample_compile
+        self.compile_options = dict(compile_options or {})
+        # Not a submodule either: a cache, never saved in checkpoints nor moved with the module.
+        object.__setattr__(self, "_frozen_net", None)
         self.num_classes: int | None = getattr(net, "num_classes", None)
 
     @property
@@ -168,8 +181,12 @@ class DiffusionModule(L.LightningModule):
     @torch.no_grad()
     def sample(self, sampler: Sampler | None = None, num_samples: int = 64,
                generator: torch.Generator | None = None, batch_size: int | None = None,
-               class_labels: Tensor | None = None, guidance_scale: float = 1.0) -> Tensor:
+               class_labels: Tensor | None = None, guidance_scale: float = 1.0,
+               precision: str | None = None, compile: bool | None = None) -> Tensor:
         """Draw ``num_samples`` model-space samples ``(N, C, H, W)`` with ``sampler``.
+
+        ``precision`` / ``compile`` override :attr:`sample_precision` / :attr:`sample_compile`
+        for this call.
 
         ``class_labels`` (N,) conditions a class-conditional net; ``guidance_scale`` != 1 applies
         classifier-free guidance against the null label (1: plain conditional sampling).
@@ -181,26 +198,40 @@ class DiffusionModule(L.LightningModule):
         sampler = sampler or self.sampler
         if sampler is None:
             raise ValueError("No sampler given and the module has none configured.")
+        if class_labels is not None and self.num_classes is None:
+            raise ValueError("class_labels given but the net is not class-conditional "
+                             "(model.num_classes is null).")
         batch_size = batch_size or num_samples
+        precision = self.sample_precision if precision is None else str(precision)
         was_training = self.training
         self.eval()
+        base = self._sampling_denoiser(self.sample_compile if compile is None else compile)
         chunks = []
-        for start in range(0, num_samples, batch_size):
-            count = min(batch_size, num_samples - start)
-            shape = (count, *self.image_shape)
-            denoiser: Any = self.denoiser
-            if class_labels is not None:
-                if self.num_classes is None:
-                    raise ValueError("class_labels given but the net is not class-conditional "
-                                     "(model.num_classes is null).")
-                labels = class_labels[start:start + count].to(self.device)
-                denoiser = (ClassifierFreeGuidance(self.denoiser, labels, guidance_scale,
-                                                   null_label=self.num_classes)
-                            if guidance_scale != 1.0 else _LabelledDenoiser(self.denoiser, labels))
-            chunks.append(_sample_on_device(sampler, denoiser, self.schedule, shape, generator,
-                                            self.device))
+        with sampling_precision(precision, self.device):
+            for start in range(0, num_samples, batch_size):
+                count = min(batch_size, num_samples - start)
+                shape = (count, *self.image_shape)
+                denoiser: Any = base
+                if class_labels is not None:
+                    labels = class_labels[start:start + count].to(self.device)
+                    denoiser = (ClassifierFreeGuidance(base, labels, guidance_scale,
+                                                       null_label=self.num_classes)
+                                if guidance_scale != 1.0 else _LabelledDenoiser(base, labels))
+                chunks.append(_sample_on_device(sampler, denoiser, self.schedule, shape,
+                                                generator, self.device))
         self.train(was_training)
         return torch.cat(chunks)
+
+    def _sampling_denoiser(self, compile: bool) -> Denoiser:
+        """The denoiser to sample with: over the live net, or over a compiled frozen copy of it
+        (kept between calls while the weights stay the same)."""
+        if not compile:
+            return self.denoiser
+        if self._frozen_net is None or not self._frozen_net.matches(self.net):
+            object.__setattr__(self, "_frozen_net", None)  # free the old copy first
+            object.__setattr__(self, "_frozen_net",
+                               FrozenCompiledNet(self.net, self.compile_options))
+        return Denoiser(self._frozen_net, self.schedule, self.prediction_type)
 
     # ------------------------------------------------------------------ optimisation
 

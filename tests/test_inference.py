@@ -1,0 +1,123 @@
+"""Sampling precision and the compiled, weight-frozen sampling net (diffsweep.inference)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffsweep.inference import FrozenCompiledNet, autocast_dtype
+from diffsweep.module import DiffusionModule
+from diffsweep.nets.unet import UNet
+from diffsweep.samplers import Sampler
+from diffsweep.schedules import DiscreteVPSchedule
+from tests.conftest import compose_config
+
+EAGER = {"backend": "eager"}  # dynamo without inductor: seconds, for the bookkeeping tests
+
+
+def _net() -> UNet:
+    net = UNet(in_channels=1, resolution=8, base_channels=8, channel_mults=(1, 2),
+               num_res_blocks=1, attention_resolutions=(4,), num_groups=2)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in net.parameters():  # zero-initialised output layers would hide any change
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return net
+
+
+def _module(**kwargs) -> DiffusionModule:
+    return DiffusionModule(_net(), DiscreteVPSchedule("linear"), torch.optim.AdamW,
+                           image_shape=(1, 8, 8), **kwargs)
+
+
+def _inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(batch)
+    return torch.randn(batch, 1, 8, 8, generator=generator), torch.rand(batch, generator=generator) * 999
+
+
+def _sample(module: DiffusionModule, **kwargs) -> torch.Tensor:
+    return module.sample(Sampler("ddim", num_steps=3), 6, generator=torch.Generator().manual_seed(0),
+                         **kwargs)
+
+
+def test_unknown_sampling_precision_is_refused_by_name():
+    with pytest.raises(ValueError, match="Unknown sampling precision 'fp8'.*bf16"):
+        _module(sample_precision="fp8")
+    with pytest.raises(ValueError, match="Unknown sampling precision"):
+        _sample(_module(), precision="half")
+    assert autocast_dtype("bf16-mixed") is torch.bfloat16 and autocast_dtype(32) is None
+
+
+def test_bf16_sampling_runs_under_autocast_and_stays_close(single_thread):
+    module = _module()
+    full = _sample(module)
+    half = _sample(module, precision="bf16")
+    assert half.dtype == full.dtype  # the sampler's state keeps its dtype
+    assert not torch.equal(half, full)  # the net really ran in bf16
+    assert (half - full).abs().max() < 0.05 * full.abs().max()
+
+
+def test_frozen_net_pads_short_batches_to_a_compiled_size(single_thread):
+    net = _net().eval()
+    frozen = FrozenCompiledNet(net, EAGER)
+    x, c_noise = _inputs(5)
+    with torch.no_grad():
+        assert torch.allclose(frozen(x, c_noise), net(x, c_noise), atol=1e-6)
+        assert torch.allclose(frozen(x[:2], c_noise[:2]), net(x[:2], c_noise[:2]), atol=1e-6)
+    assert frozen.batch_sizes == {5}  # the short batch reused the size-5 graph
+    assert frozen(*_inputs(7)).shape[0] == 7 and frozen.batch_sizes == {5, 7}
+
+
+def test_frozen_net_keeps_its_snapshot_and_notices_changed_weights(single_thread):
+    net = _net().eval()
+    net.compile(**EAGER)  # compiled in place, as module.compile=true does
+    frozen = FrozenCompiledNet(net, EAGER)
+    x, c_noise = _inputs(4)
+    with torch.no_grad():
+        before = net(x, c_noise)
+        assert frozen.matches(net)
+        net.conv_out.bias.add_(1.0)
+        assert not frozen.matches(net)
+        assert torch.allclose(frozen(x, c_noise), before, atol=1e-6)  # not the live weights
+
+
+def test_compiled_sampling_follows_weight_changes_and_stays_out_of_checkpoints(single_thread):
+    module = _module(compile_options=EAGER)
+    assert torch.allclose(_sample(module, compile=True), _sample(module), atol=1e-5)
+    first = module._frozen_net
+    _sample(module, compile=True)
+    assert module._frozen_net is first  # same weights: the compiled copy is reused
+    with torch.no_grad():  # e.g. the EMA callback swapping other weights in
+        module.net.conv_out.bias.add_(0.5)
+    changed = _sample(module, compile=True)
+    assert module._frozen_net is not first
+    assert torch.allclose(changed, _sample(module), atol=1e-5)
+    assert not any("frozen" in key or "snapshot" in key for key in module.state_dict())
+
+
+@pytest.mark.slow  # a real inductor compile with frozen weights: ~10-20 s on 2 CPU cores
+def test_inductor_frozen_sampling_matches_eager_before_and_after_a_weight_change(single_thread):
+    module = _module()
+    assert torch.allclose(_sample(module, compile=True), _sample(module), atol=1e-4)
+    with torch.no_grad():
+        for param in module.net.parameters():
+            param.mul_(0.9)
+    # inductor folded the old weights into its graph: only a rebuilt copy gives the new result
+    assert torch.allclose(_sample(module, compile=True), _sample(module), atol=1e-4)
+
+
+def test_evaluate_samples_at_the_configured_precision(train_config, tmp_path):
+    from diffsweep.evaluate import run as evaluate
+    from diffsweep.train import run as train
+
+    cfg = train_config("callbacks.sample_grid.at_train_end=false")
+    train(cfg)
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    overrides = [f"ckpt_path={ckpt}", "metrics=none", "logger=none", "grid_samples=4",
+                 "sampler.num_steps=2", f"results_file={tmp_path / 'results.csv'}"]
+    row = evaluate(compose_config("evaluate", [*overrides, "precision=bf16"], tmp_path / "eval"))
+    assert row["precision"] == "bf16" and row["compile"] is False
+    with pytest.raises(ValueError, match="Unknown sampling precision"):
+        evaluate(compose_config("evaluate", [*overrides, "precision=fp8"], tmp_path / "bad"))

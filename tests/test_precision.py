@@ -43,3 +43,53 @@ def test_fused_adamw_with_bf16_mixed_clips_gradients(train_config):
                        "callbacks.sample_grid.at_train_end=false")
     metrics = run(cfg)  # Lightning alone refuses to clip with a fused optimizer
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+class _ScalerPlugin:
+    def __init__(self, scaler: torch.amp.GradScaler) -> None:
+        self.scaler = scaler
+
+
+class _TrainerWithScaler:
+    """Just what ``configure_gradient_clipping`` reads from a 16-mixed GPU Trainer."""
+
+    def __init__(self, scaler: torch.amp.GradScaler) -> None:
+        self.precision_plugin = _ScalerPlugin(scaler)
+
+
+def test_fused_adamw_under_a_grad_scaler_clips_true_gradients_and_steps_like_unfused():
+    from diffsweep.module import DiffusionModule
+    from diffsweep.nets.unet import UNet
+    from diffsweep.schedules import DiscreteVPSchedule
+
+    def make() -> DiffusionModule:
+        torch.manual_seed(0)
+        net = UNet(in_channels=1, resolution=8, base_channels=8, channel_mults=(1, 2),
+                   num_res_blocks=1, attention_resolutions=(), num_groups=2)
+        return DiffusionModule(net, DiscreteVPSchedule("linear"), torch.optim.AdamW,
+                               image_shape=(1, 8, 8), seed=0)
+
+    x0 = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    def loss(module: DiffusionModule) -> torch.Tensor:  # the same noise for both modules
+        return module.diffusion_loss(x0, generator=torch.Generator().manual_seed(2),
+                                     eps_generator=torch.Generator().manual_seed(3))
+
+    clip = 1e-3
+    fused_module, reference = make(), make()
+    fused = torch.optim.AdamW(fused_module.parameters(), lr=1e-2, fused=True)
+    assert fused._step_supports_amp_scaling  # the optimizer kind Lightning refuses to clip
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    fused_module.trainer = _TrainerWithScaler(scaler)
+    scaler.scale(loss(fused_module)).backward()
+    fused_module.configure_gradient_clipping(fused, clip, "norm")
+    grads = [p.grad for p in fused_module.parameters() if p.grad is not None]
+    assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) <= clip * 1.001
+    scaler.step(fused)
+
+    plain = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    loss(reference).backward()
+    torch.nn.utils.clip_grad_norm_(list(reference.parameters()), clip)
+    plain.step()
+    for ours, expected in zip(fused_module.parameters(), reference.parameters()):
+        assert torch.allclose(ours, expected, atol=1e-6)

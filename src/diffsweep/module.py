@@ -248,18 +248,24 @@ class DiffusionModule(L.LightningModule):
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
                                     gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
-        """Clip directly when no gradient scaler is active (``32-true``, ``bf16-mixed``).
+        """Clip the true (unscaled) gradients, fused optimizers included.
 
-        Lightning's mixed-precision plugin refuses to clip for optimizers that unscale internally
-        (``fused=True`` AdamW) even under ``bf16-mixed``, which has no scaler; there the gradients
-        are already unscaled, so clipping them here is exact. With a scaler (``16-mixed``)
-        Lightning's own path (and its error for fused optimizers) is kept.
+        Lightning refuses to clip for optimizers that unscale internally (``fused=True`` AdamW),
+        under any mixed precision. Without a gradient scaler (``32-true``, ``bf16-mixed``) the
+        gradients are already true, so they are clipped here directly. With one (``16-mixed`` on
+        a GPU), a fused optimizer's gradients are unscaled here first with ``scaler.unscale_``;
+        ``scaler.step`` then sees them unscaled and passes no scale to the fused kernel (it still
+        skips the step on inf/NaN). Other optimizers keep Lightning's own path.
         """
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if not gradient_clip_val or scaler is not None:
-            super().configure_gradient_clipping(optimizer, gradient_clip_val,
-                                                gradient_clip_algorithm)
+        if not gradient_clip_val:
             return
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            if not getattr(optimizer, "_step_supports_amp_scaling", False):
+                super().configure_gradient_clipping(optimizer, gradient_clip_val,
+                                                    gradient_clip_algorithm)
+                return
+            scaler.unscale_(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if gradient_clip_algorithm in (None, "norm"):
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)

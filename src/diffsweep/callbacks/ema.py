@@ -73,7 +73,7 @@ class EMA(WeightAveraging):
         self.min_decay = min_decay
         self.update_every_n_steps = update_every_n_steps
         self.start_step = start_step
-        self._fast_ready = False
+        self._fast_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         if step_idx is None:
@@ -107,23 +107,28 @@ class EMA(WeightAveraging):
         """
         average = self._average_model
         assert average is not None
-        if not self._fast_ready:
+        if self._fast_pairs is None:
             # First update of a fit: a copy (n_averaged == 0) or, resumed, a regular average.
             average.update_parameters(pl_module)
-            self._fast_ready = True
+            averaged = list(itertools.chain(average.module.parameters(),
+                                            average.module.buffers()))
+            current = list(itertools.chain(pl_module.parameters(), pl_module.buffers()))
+            if len(averaged) == len(current) and all(
+                    a.device == c.device and a.dtype == c.dtype
+                    for a, c in zip(averaged, current)):
+                # The same tensor objects for the rest of the fit (weight swaps and loads copy
+                # in place), so they are listed once: walking the module tree each step costs
+                # more than the lerp for a small net.
+                self._fast_pairs = (averaged, current)
             return
-        averaged = list(itertools.chain(average.module.parameters(), average.module.buffers()))
-        current = list(itertools.chain(pl_module.parameters(), pl_module.buffers()))
-        if len(averaged) != len(current) or any(
-                a.device != c.device or a.dtype != c.dtype for a, c in zip(averaged, current)):
-            average.update_parameters(pl_module)
-            return
+        averaged, current = self._fast_pairs
         self._avg_fn(averaged, current, average.n_averaged)
         average.n_averaged += 1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        self._fast_ready = False  # the first update of each fit goes through update_parameters
+        # the first update of each fit goes through update_parameters and lists the tensors
+        self._fast_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "decay": self._avg_fn.decay}

@@ -121,3 +121,14 @@ def test_evaluate_samples_at_the_configured_precision(train_config, tmp_path):
     assert row["precision"] == "bf16" and row["compile"] is False
     with pytest.raises(ValueError, match="Unknown sampling precision"):
         evaluate(compose_config("evaluate", [*overrides, "precision=fp8"], tmp_path / "bad"))
+
+
+def _broken_backend(graph_module, example_inputs):
+    raise OSError("no C++ compiler found")
+
+
+def test_a_failing_compile_says_how_to_sample_without_it():
+    module = _module(compile_options={"backend": _broken_backend})
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler found.*compile=false"):
+        _sample(module, compile=True)
+    assert torch.isfinite(_sample(module)).all()  # eager sampling is unaffected

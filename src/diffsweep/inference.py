@@ -90,7 +90,15 @@ class FrozenCompiledNet(nn.Module):
         import torch._inductor.config as inductor_config
 
         with torch.no_grad(), inductor_config.patch(freezing=True):
-            return self.compiled(*inputs)[:batch]
+            try:
+                return self.compiled(*inputs)[:batch]
+            except torch._dynamo.exc.BackendCompilerFailed as error:
+                raise RuntimeError(
+                    f"Compiling the net for sampling failed ({type(error.inner_exception).__name__}"
+                    f": {error.inner_exception}). Sample without compiling (evaluate.py "
+                    f"compile=false, or module.sample_compile=false when training), or fix the "
+                    f"compiler setup (inductor needs a C++ compiler on CPU, Triton on GPU)."
+                ) from error
 
 
 def _pad_rows(tensor: Tensor, rows: int) -> Tensor:

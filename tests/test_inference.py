@@ -132,3 +132,14 @@ def test_a_failing_compile_says_how_to_sample_without_it():
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler found.*compile=false"):
         _sample(module, compile=True)
     assert torch.isfinite(_sample(module)).all()  # eager sampling is unaffected
+
+
+def test_training_callbacks_sample_with_the_compiled_copy(train_config):
+    """Grids and FID sample inside Lightning's validation (inference mode) with EMA weights."""
+    from diffsweep.train import run as train
+
+    cfg = train_config("module.sample_compile=true", "+module.compile_options.backend=eager",
+                       "metrics=fid_tiny", "metrics.fid.num_samples=8")
+    metrics = train(cfg)
+    assert all(torch.isfinite(torch.tensor(metrics[key])) for key in metrics if key.startswith("fid/"))
+    assert (Path(cfg.paths.output_dir) / "samples" / "final.png").is_file()

@@ -134,12 +134,23 @@ def test_a_failing_compile_says_how_to_sample_without_it():
     assert torch.isfinite(_sample(module)).all()  # eager sampling is unaffected
 
 
-def test_training_callbacks_sample_with_the_compiled_copy(train_config):
+def test_training_callbacks_sample_with_the_compiled_copy(train_config, monkeypatch):
     """Grids and FID sample inside Lightning's validation (inference mode) with EMA weights."""
+    import diffsweep.module
     from diffsweep.train import run as train
 
+    built = []
+
+    class CountedFrozenNet(FrozenCompiledNet):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(diffsweep.module, "FrozenCompiledNet", CountedFrozenNet)
     cfg = train_config("module.sample_compile=true", "+module.compile_options.backend=eager",
                        "metrics=fid_tiny", "metrics.fid.num_samples=8")
     metrics = train(cfg)
+    # one copy per validation (new EMA weights each time) and one for the final grid at most
+    assert 2 <= len(built) <= 3
     assert all(torch.isfinite(torch.tensor(metrics[key])) for key in metrics if key.startswith("fid/"))
     assert (Path(cfg.paths.output_dir) / "samples" / "final.png").is_file()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffsweep.inference import FrozenCompiledNet, autocast_dtype
+from diffsweep.inference import CompiledSamplingNet, autocast_dtype
 from diffsweep.module import DiffusionModule
 from diffsweep.nets.unet import UNet
 from diffsweep.samplers import Sampler
@@ -59,9 +59,9 @@ def test_bf16_sampling_runs_under_autocast_and_stays_close(single_thread):
     assert (half - full).abs().max() < 0.05 * full.abs().max()
 
 
-def test_frozen_net_pads_short_batches_to_a_compiled_size(single_thread):
+def test_compiled_net_pads_short_batches_to_a_compiled_size(single_thread):
     net = _net().eval()
-    frozen = FrozenCompiledNet(net, EAGER)
+    frozen = CompiledSamplingNet(net, EAGER)
     x, c_noise = _inputs(5)
     with torch.no_grad():
         assert torch.allclose(frozen(x, c_noise), net(x, c_noise), atol=1e-6)
@@ -70,42 +70,65 @@ def test_frozen_net_pads_short_batches_to_a_compiled_size(single_thread):
     assert frozen(*_inputs(7)).shape[0] == 7 and frozen.batch_sizes == {5, 7}
 
 
-def test_frozen_net_keeps_its_snapshot_and_notices_changed_weights(single_thread):
+def test_compiled_net_keeps_its_copy_and_notices_changed_weights(single_thread):
     net = _net().eval()
     net.compile(**EAGER)  # compiled in place, as module.compile=true does
-    frozen = FrozenCompiledNet(net, EAGER)
+    frozen = CompiledSamplingNet(net, EAGER, freeze_weights=True)
+    plain = CompiledSamplingNet(net, EAGER)
     x, c_noise = _inputs(4)
     with torch.no_grad():
         before = net(x, c_noise)
-        assert frozen.matches(net)
+        assert frozen.matches(net) and plain.matches(net)
         net.conv_out.bias.add_(1.0)
+        after = net(x, c_noise)
         assert not frozen.matches(net)
         assert torch.allclose(frozen(x, c_noise), before, atol=1e-6)  # not the live weights
+        assert not frozen.load_weights_from(net)  # frozen weights cannot be replaced
+        assert plain.load_weights_from(net) and plain.matches(net)
+        assert torch.allclose(plain(x, c_noise), after, atol=1e-6)
 
 
 def test_compiled_sampling_follows_weight_changes_and_stays_out_of_checkpoints(single_thread):
     module = _module(compile_options=EAGER)
     assert torch.allclose(_sample(module, compile=True), _sample(module), atol=1e-5)
-    first = module._frozen_net
-    _sample(module, compile=True)
-    assert module._frozen_net is first  # same weights: the compiled copy is reused
+    first = module._compiled_net
     with torch.no_grad():  # e.g. the EMA callback swapping other weights in
         module.net.conv_out.bias.add_(0.5)
     changed = _sample(module, compile=True)
-    assert module._frozen_net is not first
+    assert module._compiled_net is first  # the same compile, new weights copied in
     assert torch.allclose(changed, _sample(module), atol=1e-5)
-    assert not any("frozen" in key or "snapshot" in key for key in module.state_dict())
+    assert not any("compiled" in key or "snapshot" in key for key in module.state_dict())
 
 
-@pytest.mark.slow  # a real inductor compile with frozen weights: ~10-20 s on 2 CPU cores
-def test_inductor_frozen_sampling_matches_eager_before_and_after_a_weight_change(single_thread):
-    module = _module()
-    assert torch.allclose(_sample(module, compile=True), _sample(module), atol=1e-4)
+def test_frozen_sampling_recompiles_for_new_weights_and_shares_equal_ones(single_thread):
+    module = _module(compile_options=EAGER)
+    module.sample_freeze_weights = True  # as evaluate.py does
+    _sample(module, compile=True)
+    first = module._compiled_net
+    assert first.freeze_weights
+    twin = _module(compile_options=EAGER)  # e.g. the next job of a sweep over one checkpoint
+    twin.sample_freeze_weights = True
+    _sample(twin, compile=True)
+    assert twin._compiled_net is first
     with torch.no_grad():
-        for param in module.net.parameters():
-            param.mul_(0.9)
-    # inductor folded the old weights into its graph: only a rebuilt copy gives the new result
-    assert torch.allclose(_sample(module, compile=True), _sample(module), atol=1e-4)
+        module.net.conv_out.bias.add_(0.5)
+    changed = _sample(module, compile=True)
+    assert module._compiled_net is not first
+    assert torch.allclose(changed, _sample(module), atol=1e-5)
+
+
+@pytest.mark.slow  # real inductor compiles: ~20-40 s on 2 CPU cores
+def test_inductor_compiled_sampling_matches_eager_before_and_after_a_weight_change(single_thread):
+    for freeze in (False, True):
+        module = _module()
+        module.sample_freeze_weights = freeze
+        assert torch.allclose(_sample(module, compile=True), _sample(module), atol=1e-4)
+        with torch.no_grad():
+            for param in module.net.parameters():
+                param.mul_(0.9)
+        # frozen: inductor folded the old weights into its graph, only a new copy is right;
+        # plain: the graph reads the copy's parameters, updated in place
+        assert torch.allclose(_sample(module, compile=True), _sample(module), atol=1e-4)
 
 
 def test_evaluate_samples_at_the_configured_precision(train_config, tmp_path):
@@ -136,21 +159,21 @@ def test_a_failing_compile_says_how_to_sample_without_it():
 
 def test_training_callbacks_sample_with_the_compiled_copy(train_config, monkeypatch):
     """Grids and FID sample inside Lightning's validation (inference mode) with EMA weights."""
-    import diffsweep.module
+    import diffsweep.inference
     from diffsweep.train import run as train
 
     built = []
 
-    class CountedFrozenNet(FrozenCompiledNet):
+    class CountedCompiledNet(CompiledSamplingNet):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             built.append(self)
 
-    monkeypatch.setattr(diffsweep.module, "FrozenCompiledNet", CountedFrozenNet)
+    monkeypatch.setattr(diffsweep.inference, "CompiledSamplingNet", CountedCompiledNet)
     cfg = train_config("module.sample_compile=true", "+module.compile_options.backend=eager",
                        "metrics=fid_tiny", "metrics.fid.num_samples=8")
     metrics = train(cfg)
-    # one copy per validation (new EMA weights each time) and one for the final grid at most
-    assert 2 <= len(built) <= 3
+    # one compiled copy for the whole run: each validation's EMA weights are copied into it
+    assert len(built) == 1 and not built[0].freeze_weights
     assert all(torch.isfinite(torch.tensor(metrics[key])) for key in metrics if key.startswith("fid/"))
     assert (Path(cfg.paths.output_dir) / "samples" / "final.png").is_file()

@@ -5,9 +5,10 @@ At equal NFE and batch, for each config of ``train_throughput.py`` (our UNet fro
 
 - ``ours``: ``DiffusionModule.sample(Sampler(method, num_steps))`` (float64 state, the real path
   used by the sample-grid and FID callbacks);
-- ``ours compiled``: the same with ``compile=True`` (``module.sample_compile``,
-  ``evaluate.py compile=true``): a compiled copy of the net with inductor ``freezing``; its
-  one-off compile time (the warm-up call) is printed separately and not in img/s;
+- ``ours compiled``: the same with ``compile=True``: a compiled copy of the net, with its weights
+  frozen into the graph as ``evaluate.py compile=true`` does (``--compile-mode frozen``), or read
+  at run time as during training with ``module.sample_compile=true`` (``--compile-mode plain``);
+  its one-off compile time (the warm-up call) is printed separately and not in img/s;
 - ``ours@diffusers-net``: the same sampler over the diffusers net (isolates sampler overhead);
 - ``diffusers``: ``DDIMPipeline`` (ddim) / ``DDPMPipeline`` with ``DPMSolverMultistepScheduler``
   (dpmpp_2m), ``output_type="np"``, progress bar off;
@@ -71,6 +72,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled cases")
+    parser.add_argument("--compile-mode", choices=("frozen", "plain"), default="frozen",
+                        help="ours compiled: weights frozen in (evaluate.py) or read at run time "
+                             "(training-time sampling)")
     parser.add_argument("--compile-diffusers", action="store_true",
                         help="also time diffusers' pipeline with a torch.compile'd UNet")
     args = parser.parse_args()
@@ -83,6 +87,7 @@ def main() -> None:
     for name in args.configs.split(","):
         _, c, r = CONFIGS[name]
         module = make_module(name).eval()
+        module.sample_freeze_weights = args.compile_mode == "frozen"
         theirs = diffusers_unet(name).eval()
         their_denoiser = Denoiser(DiffusersAdapter(theirs), module.schedule)
         x = torch.randn(args.batch, c, r, r)

@@ -46,6 +46,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     module = module_from_checkpoint(checkpoint, cfg.weights, source=str(cfg.ckpt_path)).to(device)
     module.sample_precision = str(cfg.get("precision", 32))  # grid and FID sampling alike
     module.sample_compile = bool(cfg.get("compile", False))
+    module.sample_freeze_weights = True  # one checkpoint: its weights can be compiled in
     sampler = instantiate(cfg.sampler)
     datamodule = instantiate(OmegaConf.create(train_cfg["data"]))
     datamodule.prepare_data()

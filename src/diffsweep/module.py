@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffsweep.denoiser import ClassifierFreeGuidance, Denoiser, append_dims
-from diffsweep.inference import FrozenCompiledNet, autocast_dtype, sampling_precision
+from diffsweep.inference import autocast_dtype, compiled_sampling_net, sampling_precision
 from diffsweep.samplers import Sampler
 from diffsweep.schedules import NoiseSchedule
 
@@ -52,8 +52,10 @@ class DiffusionModule(L.LightningModule):
             both ``compile`` and ``sample_compile``.
         sample_precision: precision of the net while sampling (grids, FID, ``evaluate.py``):
             ``32``, ``bf16`` or ``16`` (autocast); the sampler's own state stays float64.
-        sample_compile: sample with a compiled copy of the net whose weights are frozen in
-            (:class:`diffsweep.inference.FrozenCompiledNet`), rebuilt whenever the weights change.
+        sample_compile: sample with a compiled copy of the net
+            (:class:`diffsweep.inference.CompiledSamplingNet`), kept between calls and brought up
+            to date with the net's weights in place; :attr:`sample_freeze_weights` (set by
+            ``evaluate.py``, where the weights never change) folds them into the compiled graph.
         config: the composed run config, stored in checkpoints so ``evaluate.py`` can rebuild
             the model without the original command line.
     """
@@ -84,8 +86,9 @@ class DiffusionModule(L.LightningModule):
         self.sample_precision = str(sample_precision)
         self.sample_compile = sample_compile
         self.compile_options = dict(compile_options or {})
+        self.sample_freeze_weights = False
         # Not a submodule either: a cache, never saved in checkpoints nor moved with the module.
-        object.__setattr__(self, "_frozen_net", None)
+        object.__setattr__(self, "_compiled_net", None)  # CompiledSamplingNet | None
         self.num_classes: int | None = getattr(net, "num_classes", None)
 
     @property
@@ -223,15 +226,14 @@ class DiffusionModule(L.LightningModule):
         return torch.cat(chunks)
 
     def _sampling_denoiser(self, compile: bool) -> Denoiser:
-        """The denoiser to sample with: over the live net, or over a compiled frozen copy of it
-        (kept between calls while the weights stay the same)."""
+        """The denoiser to sample with: over the live net, or over a compiled copy of it that
+        computes the same (see :func:`diffsweep.inference.compiled_sampling_net`)."""
         if not compile:
             return self.denoiser
-        if self._frozen_net is None or not self._frozen_net.matches(self.net):
-            object.__setattr__(self, "_frozen_net", None)  # free the old copy first
-            object.__setattr__(self, "_frozen_net",
-                               FrozenCompiledNet(self.net, self.compile_options))
-        return Denoiser(self._frozen_net, self.schedule, self.prediction_type)
+        compiled = compiled_sampling_net(self.net, self._compiled_net, self.compile_options,
+                                         self.sample_freeze_weights)
+        object.__setattr__(self, "_compiled_net", compiled)
+        return Denoiser(compiled, self.schedule, self.prediction_type)
 
     # ------------------------------------------------------------------ optimisation
 

@@ -141,7 +141,8 @@ def compiled_sampling_net(net: nn.Module, current: CompiledSamplingNet | None,
     new one."""
     global _last_frozen
     if current is not None and current.freeze_weights == freeze_weights:
-        if current.matches(net) or current.load_weights_from(net):
+        # plain: copying is cheaper than comparing first; frozen: only equal weights will do
+        if current.load_weights_from(net) or current.matches(net):
             return current
     if (freeze_weights and _last_frozen is not None
             and _last_frozen.compile_options == dict(compile_options or {})

@@ -40,12 +40,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     print_config_tree(cfg, save_to=output_dir / "config_tree.log")
     device = _device(cfg.device)
-    autocast_dtype(cfg.get("precision", 32))  # an unknown precision fails before any work
+    precision = str(cfg.precision)
+    autocast_dtype(precision)  # an unknown precision fails before any work
     checkpoint = read_checkpoint(cfg.ckpt_path)
     train_cfg = checkpoint.get("diffsweep_config") or {}
     module = module_from_checkpoint(checkpoint, cfg.weights, source=str(cfg.ckpt_path)).to(device)
-    module.sample_precision = str(cfg.get("precision", 32))  # grid and FID sampling alike
-    module.sample_compile = bool(cfg.get("compile", False))
+    module.sample_precision = precision  # grid and FID sampling alike
+    module.sample_compile = bool(cfg.compile)
     module.sample_freeze_weights = True  # one checkpoint: its weights can be compiled in
     sampler = instantiate(cfg.sampler)
     datamodule = instantiate(OmegaConf.create(train_cfg["data"]))

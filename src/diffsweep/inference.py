@@ -80,31 +80,33 @@ class CompiledSamplingNet(nn.Module):
         super().__init__()
         # deepcopy drops a net.compile()'d call, so the snapshot runs its own weights
         self.snapshot = copy.deepcopy(net).eval().requires_grad_(False)
+        self._snapshot_tensors = _state_tensors(self.snapshot)  # fixed for the copy's life
         self.freeze_weights = freeze_weights
         self.compile_options = dict(compile_options or {})
         options = {"dynamic": False, **self.compile_options}
         self.compiled = torch.compile(_fresh_call_function(), **options)
         self.batch_sizes: set[int] = set()
 
-    def _same_layout(self, net: nn.Module) -> bool:
-        live, copied = _state_tensors(net), _state_tensors(self.snapshot)
-        return len(live) == len(copied) and all(
+    def _same_layout(self, live: list[Tensor]) -> bool:
+        return len(live) == len(self._snapshot_tensors) and all(
             a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
-            for a, b in zip(live, copied))
+            for a, b in zip(live, self._snapshot_tensors))
 
     def matches(self, net: nn.Module) -> bool:
         """True when ``net``'s parameters and buffers equal the copy's (same shapes, dtypes,
         devices and values), i.e. this compiled net computes what ``net`` computes."""
-        return self._same_layout(net) and all(
-            torch.equal(a, b) for a, b in zip(_state_tensors(net), _state_tensors(self.snapshot)))
+        live = _state_tensors(net)
+        return self._same_layout(live) and all(
+            torch.equal(a, b) for a, b in zip(live, self._snapshot_tensors))
 
     def load_weights_from(self, net: nn.Module) -> bool:
         """Copy ``net``'s weights into the copy in place; False (nothing copied) when the weights
         are frozen into the graph or the layout differs: then a new compiled copy is needed."""
-        if self.freeze_weights or not self._same_layout(net):
+        live = _state_tensors(net)
+        if self.freeze_weights or not self._same_layout(live):
             return False
         with torch.no_grad():
-            torch._foreach_copy_(_state_tensors(self.snapshot), _state_tensors(net))
+            torch._foreach_copy_(self._snapshot_tensors, live)
         return True
 
     def forward(self, x: Tensor, *args: Tensor) -> Tensor:
@@ -171,7 +173,7 @@ def _fresh_call_function() -> Callable[..., Tensor]:
     per copy keeps each copy's graphs to itself.
     """
     template = _call_module.__code__
-    name = f"frozen_net_call_{next(_copies_made)}"
+    name = f"sampling_net_call_{next(_copies_made)}"
     code = template.replace(co_name=name, co_qualname=name)
     return types.FunctionType(code, _call_module.__globals__, name)
 

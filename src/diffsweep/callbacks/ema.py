@@ -127,8 +127,7 @@ class EMA(WeightAveraging):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        # the first update of each fit goes through update_parameters and lists the tensors
-        self._fast_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._fast_pairs = None  # the first update of each fit lists the tensors again
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "decay": self._avg_fn.decay}

@@ -89,6 +89,7 @@ def main() -> None:
         module = make_module(name).eval()
         module.sample_freeze_weights = args.compile_mode == "frozen"
         theirs = diffusers_unet(name).eval()
+        compiled_theirs = torch.compile(theirs)  # one compiled module per config
         their_denoiser = Denoiser(DiffusersAdapter(theirs), module.schedule)
         x = torch.randn(args.batch, c, r, r)
         t = torch.full((args.batch,), 500.0)
@@ -98,29 +99,27 @@ def main() -> None:
                 sampler = Sampler(method, num_steps=args.nfe)
                 assert sampler.nfe == args.nfe, "use a one-NFE-per-step sampler"
                 pipe = diffusers_pipeline(method, theirs)
-                compiled_pipe = diffusers_pipeline(method, torch.compile(theirs))
                 cases = {
                     "ours": lambda: module.sample(sampler, args.batch,
                                                   generator=torch.Generator().manual_seed(0)),
-                    "ours compiled": lambda: module.sample(
-                        sampler, args.batch, generator=torch.Generator().manual_seed(0),
-                        compile=True),
                     "ours@diffusers-net": lambda: sampler(
                         their_denoiser, module.schedule, (args.batch, c, r, r),
                         generator=torch.Generator().manual_seed(0)),
                     "diffusers": lambda: pipe(batch_size=args.batch, num_inference_steps=args.nfe,
                                               output_type="np",
                                               generator=torch.Generator().manual_seed(0)),
-                    "diffusers compiled": lambda: compiled_pipe(
-                        batch_size=args.batch, num_inference_steps=args.nfe, output_type="np",
-                        generator=torch.Generator().manual_seed(0)),
                     "fwd ours": lambda: module.net(x, t),
                     "fwd diffusers": lambda: theirs(x, t),
                 }
-                if args.no_compile:
-                    del cases["ours compiled"]
-                if args.no_compile or not args.compile_diffusers:
-                    del cases["diffusers compiled"]
+                if not args.no_compile:
+                    cases["ours compiled"] = lambda: module.sample(
+                        sampler, args.batch, generator=torch.Generator().manual_seed(0),
+                        compile=True)
+                if not args.no_compile and args.compile_diffusers:
+                    compiled_pipe = diffusers_pipeline(method, compiled_theirs)
+                    cases["diffusers compiled"] = lambda: compiled_pipe(
+                        batch_size=args.batch, num_inference_steps=args.nfe, output_type="np",
+                        generator=torch.Generator().manual_seed(0))
                 times: dict[str, list[float]] = {k: [] for k in cases}
                 with torch.no_grad(), autocast:
                     for key, fn in cases.items():  # warm-up (and the compiles)

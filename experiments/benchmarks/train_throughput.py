@@ -10,7 +10,8 @@ DataLoader, as ``configs/data/*.yaml`` use with ``num_workers: 0``), all in one 
   ``warmup`` and of step ``warmup + steps`` (start-up, the first steps and teardown excluded).
   No progress bar, checkpoint or sample-grid callbacks (they do not act in these steps).
 - ``bare``: the same math without Lightning: ``module.diffusion_loss`` on the same UNet,
-  backward, ``clip_grad_norm_``, AdamW + LambdaLR warmup, one ``torch._foreach_lerp_`` EMA update.
+  backward, ``clip_grad_norm_``, the module's own ``configure_optimizers`` (AdamW + warmup),
+  one ``torch._foreach_lerp_`` EMA update.
 - ``diffusers``: ``UNet2DModel`` (built to match our UNet's conv/attention layout, so its FLOPs
   match; both parameter counts and FLOPs are printed) + ``DDPMScheduler.add_noise`` + AdamW +
   ``clip_grad_norm_`` + ``EMAModel(use_ema_warmup=True, foreach=True)``, as in diffusers'
@@ -226,9 +227,8 @@ def time_bare(name: str, batch: int, steps: int, warmup: int,
     module = make_module(name)
     params = [p for p in module.net.parameters()]
     ema = [p.detach().clone() for p in params]
-    optimizer = module.optimizer_factory(params=params)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / WARMUP_STEPS))
+    optimization = module.configure_optimizers()  # the module's own AdamW + warmup
+    optimizer, sched = optimization["optimizer"], optimization["lr_scheduler"]["scheduler"]
     data = _cycle(make_loader(name, batch))
     start = (0.0, 0.0)
     for step in range(warmup + steps):

@@ -31,7 +31,7 @@ FAST = [
     "callbacks.sample_grid.num_samples=4",
     "callbacks.model_checkpoint.every_n_train_steps=2",
     "~callbacks.progress_bar",
-    "module.lr_warmup_steps=0",
+    "lr_schedule.warmup_steps=0",
 ]
 
 

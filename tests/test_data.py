@@ -17,13 +17,14 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from diffsweep.data import (
+    Cifar10Source,
     DigitsSource,
     FashionMNISTSource,
     ImageDataModule,
     ImageFolderSource,
     MNISTSource,
 )
-from diffsweep.data.folder import find_images
+from diffsweep.data.folder import find_images, load_image
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "data"
@@ -321,6 +322,71 @@ def test_folder_fingerprint(folder):
     assert a.fingerprint("train") != ImageFolderSource(folder, resolution=16).fingerprint("train")
 
 
+# ------------------------------------------------------------------- PNG modes (folder decode)
+def _load_png(tmp_path: Path, image: Image.Image, channels: int, name: str = "x.png") -> np.ndarray:
+    path = tmp_path / name
+    image.save(path)
+    return load_image(path, image.size[1], channels).numpy()
+
+
+def test_png_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    values = np.array([[0, 257, 32896, 65535]], dtype=np.uint16).repeat(4, axis=0)
+    image = Image.fromarray(values)
+    assert image.mode == "I;16"
+    grey = _load_png(tmp_path, image, channels=1)
+    assert Image.open(tmp_path / "x.png").mode == "I;16"
+    assert grey[0, 0].tolist() == [0, 1, 128, 255]  # 16-bit 0..65535 -> 8-bit 0..255
+    rgb = load_image(tmp_path / "x.png", 4, 3).numpy()
+    assert rgb.shape == (3, 4, 4) and (rgb == grey).all()
+
+
+def test_32_bit_integer_greyscale_is_read_as_16_bit(tmp_path):
+    values = np.array([[0, 257, 32896, 65535]], dtype=np.int32).repeat(4, axis=0)
+    image = Image.fromarray(values)
+    assert image.mode == "I"  # what older Pillow made of 16-bit PNGs; TIFF keeps it
+    grey = _load_png(tmp_path, image, channels=1, name="x.tif")
+    assert Image.open(tmp_path / "x.tif").mode == "I"
+    assert grey[0, 0].tolist() == [0, 1, 128, 255]
+
+
+def test_palette_png_with_transparency_composites_over_white(tmp_path):
+    image = Image.new("P", (4, 4), 0)
+    image.putpalette([200, 0, 0, 0, 0, 255] + [0] * 762)  # 0: red, 1: blue
+    image.paste(1, (2, 0, 4, 4))
+    image.info["transparency"] = 1  # blue half fully transparent
+    rgb = _load_png(tmp_path, image, channels=3)
+    assert Image.open(tmp_path / "x.png").mode == "P"
+    assert rgb[:, 0, 0].tolist() == [200, 0, 0]
+    assert rgb[:, 0, 3].tolist() == [255, 255, 255]  # transparent -> white, not blue
+    opaque = Image.new("P", (4, 4), 1)
+    opaque.putpalette([200, 0, 0, 0, 0, 255] + [0] * 762)
+    assert _load_png(tmp_path, opaque, 3, "opaque.png")[:, 0, 0].tolist() == [0, 0, 255]
+
+
+def test_rgba_png_composites_alpha_over_white(tmp_path):
+    pixels = np.zeros((4, 4, 4), np.uint8)
+    pixels[:, :2] = (0, 0, 0, 255)     # opaque black
+    pixels[:, 2] = (0, 0, 0, 0)        # transparent black -> white
+    pixels[:, 3] = (255, 0, 0, 128)    # half-transparent red over white
+    rgb = _load_png(tmp_path, Image.fromarray(pixels, "RGBA"), channels=3)
+    assert rgb[:, 0, 0].tolist() == [0, 0, 0]
+    assert rgb[:, 0, 2].tolist() == [255, 255, 255]
+    assert rgb[0, 0, 3] == 255 and abs(int(rgb[1, 0, 3]) - 127) <= 1
+    grey = load_image(tmp_path / "x.png", 4, 1).numpy()
+    assert grey[0, 0, 2] == 255 and grey[0, 0, 0] == 0
+
+
+def test_la_png_composites_alpha_over_white(tmp_path):
+    pixels = np.zeros((4, 4, 2), np.uint8)
+    pixels[:, :2] = (0, 255)      # opaque black
+    pixels[:, 2:] = (0, 0)        # transparent -> white
+    image = Image.fromarray(pixels, "LA")
+    grey = _load_png(tmp_path, image, channels=1)
+    assert Image.open(tmp_path / "x.png").mode == "LA"
+    assert grey[0, 0].tolist() == [0, 0, 255, 255]
+    assert load_image(tmp_path / "x.png", 4, 3).numpy()[:, 0, 3].tolist() == [255, 255, 255]
+
+
 # ----------------------------------------------------------------------------------- MNIST
 def _need(*paths: Path):
     missing = [str(p) for p in paths if not p.is_file()]
@@ -395,8 +461,75 @@ def test_fashion_mnist_all_splits_uncompressed_and_gz(tmp_path):
         FashionMNISTSource(tmp_path, download=False)).fingerprint("train")
 
 
+# -------------------------------------------------------------------------------- CIFAR-10
+def _fake_cifar(root: Path, per_batch: int = 4, test: int = 3, bytes_keys: bool = False) -> dict:
+    """torchvision's cifar-10-batches-py layout with tiny pickled batches; returns the arrays."""
+    import pickle
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    arrays = {}
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for number, name in enumerate(names):
+        n = test if name == "test_batch" else per_batch
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        labels = [(number + i) % 10 for i in range(n)]
+        key = (lambda k: k.encode()) if bytes_keys else (lambda k: k)
+        with open(folder / name, "wb") as handle:
+            pickle.dump({key("data"): data, key("labels"): labels, key("batch_label"): name}, handle)
+        arrays[name] = (data, labels)
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": list("abcdefghij")}))
+    return arrays
+
+
+@pytest.mark.parametrize("bytes_keys", [False, True])
+def test_cifar10_reads_pickled_batches_offline(tmp_path, bytes_keys):
+    arrays = _fake_cifar(tmp_path, bytes_keys=bytes_keys)
+    dm = ImageDataModule(Cifar10Source(tmp_path, download=False), batch_size=4)
+    assert (dm.channels, dm.resolution, dm.image_shape) == (3, 32, (3, 32, 32))
+    dm.prepare_data()
+    dm.setup("fit")
+    train, val = dm.dataset("train"), dm.dataset("val")
+    assert len(train) == 20 and len(val) == 3
+    # row layout: 1024 red, 1024 green, 1024 blue values, row-major 32x32
+    data, labels = arrays["data_batch_2"]
+    x, y = val[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and int(y) == arrays["test_batch"][1][0]
+    expected = torch.from_numpy(data[1].reshape(3, 32, 32)).float() / 127.5 - 1
+    assert torch.equal(train.images[5].float() / 127.5 - 1, expected)
+    assert int(train.labels[5]) == labels[1]
+    assert train.random_flip and not val.random_flip  # flips on train only
+    xb, yb = first_batch(dm)
+    assert xb.shape == (4, 3, 32, 32) and yb.dtype == torch.int64
+    assert dm.fingerprint("train") == ImageDataModule(
+        Cifar10Source(tmp_path, download=False)).fingerprint("train")
+    assert dm.fingerprint("train") != dm.fingerprint("val")
+    small = Cifar10Source(tmp_path, resolution=16, download=False).load("val")
+    assert small.images.shape == (3, 3, 16, 16)
+
+
+def test_cifar10_flat_folder_and_missing_files(tmp_path):
+    _fake_cifar(tmp_path)
+    flat = tmp_path / "flat"
+    (tmp_path / "cifar-10-batches-py").rename(flat)
+    assert len(Cifar10Source(flat, download=False).load("train")) == 20
+    (flat / "data_batch_3").unlink()
+    with pytest.raises(FileNotFoundError, match=r"data_batch_3.*cifar-10-batches-py.*data\.root=.*download is off"):
+        Cifar10Source(flat, download=False).load("train")
+    assert len(Cifar10Source(flat, download=False).load("val")) == 3  # val needs test_batch only
+
+
+def test_config_cifar10_instantiates(tmp_path):
+    _fake_cifar(tmp_path / "cifar10")
+    dm = instantiate(compose("cifar10", tmp_path, **{"data.source.download": False}).data)
+    assert isinstance(dm.source, Cifar10Source) and dm.source.root == tmp_path / "cifar10"
+    assert dm.image_shape == (3, 32, 32) and dm.source.random_flip
+    assert len(dm.dataset("train")) == 20
+
+
 # ------------------------------------------------------------------------------ Hydra configs
-@pytest.mark.parametrize("name", ["digits", "image_folder", "mnist", "fashion_mnist"])
+@pytest.mark.parametrize("name", ["digits", "image_folder", "mnist", "fashion_mnist", "cifar10"])
 def test_configs_document_every_option(name):
     text = (CONFIGS / f"{name}.yaml").read_text()
     cfg = OmegaConf.load(CONFIGS / f"{name}.yaml")

@@ -147,7 +147,7 @@ def test_multirun_with_ddp_runs_each_job_once_with_two_ranks(tmp_path):
 
 def test_several_devices_without_trainer_ddp_also_use_the_hydra_aware_strategy(train_config):
     from diffsweep.launch import HydraDDPStrategy
-    from diffsweep.train import default_strategy
+    from diffsweep.assembly import default_strategy
 
     assert isinstance(default_strategy(train_config("trainer.devices=4").trainer)["strategy"],
                       HydraDDPStrategy)

@@ -5,6 +5,7 @@ tensor on another device fails the same way as with CUDA."""
 import pytest
 import torch
 
+from diffsweep.denoiser import Denoiser
 from diffsweep.module import DiffusionModule
 from diffsweep.nets.unet import UNet
 from diffsweep.samplers import Sampler
@@ -16,8 +17,8 @@ SCHEDULES = [DiscreteVPSchedule("linear"), VESchedule(), EDMSchedule()]
 def _module(schedule, prediction_type="epsilon") -> DiffusionModule:
     net = UNet(in_channels=1, resolution=8, base_channels=8, channel_mults=(1, 2),
                num_res_blocks=1, attention_resolutions=())
-    return DiffusionModule(net.to("meta"), schedule, optimizer=torch.optim.AdamW,
-                           image_shape=(1, 8, 8), prediction_type=prediction_type, seed=0)
+    return DiffusionModule(Denoiser(net.to("meta"), schedule, prediction_type),
+                           optimizer=torch.optim.AdamW, image_shape=(1, 8, 8), seed=0)
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: type(s).__name__)
@@ -25,7 +26,7 @@ def _module(schedule, prediction_type="epsilon") -> DiffusionModule:
 def test_training_loss_with_net_on_another_device(schedule, prediction_type):
     module = _module(schedule, prediction_type)
     x0 = torch.empty(4, 1, 8, 8, device="meta")
-    loss = module.diffusion_loss(x0, generator=torch.Generator().manual_seed(0))
+    loss = module.batch_loss(x0, None, module.training_noise(x0, torch.Generator().manual_seed(0)))
     assert loss.device.type == "meta" and loss.shape == ()
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from diffsweep import results
+from diffsweep import files, results
 from diffsweep.train import run
 from tests.conftest import run_entry_point
 
@@ -20,7 +20,7 @@ def test_evaluate_multirun_appends_one_row_per_job(train_config, tmp_path):
     # The argument order: overrides on both sides of -m.
     result = run_entry_point("evaluate.py", f"ckpt_path={ckpt}", "-m", "sampler=ddim,heun",
                              "sampler.num_steps=2,3", "metrics=fid_tiny",
-                             "metrics.fid.num_samples=16", "grid_samples=4",
+                             "metrics.fid.evaluator.num_samples=16", "grid_samples=4",
                              "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / "sweep" / "results.csv") as handle:
@@ -40,7 +40,7 @@ def test_a_write_killed_midway_leaves_the_previous_results(tmp_path, monkeypatch
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed before the rename")
 
-    monkeypatch.setattr(results.os, "replace", killed)
+    monkeypatch.setattr(files.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         results.append_row(path, {"sampler": "heun", "fid": 2.0})
     monkeypatch.undo()

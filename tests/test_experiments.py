@@ -112,7 +112,9 @@ def test_step_count_config_composes(tmp_path):
 def test_eval_sweep_config_composes(tmp_path):
     cfg = compose_config("evaluate", ["experiment=eval_sweep", "ckpt_path=x.ckpt",
                                       "sampler=heun", "sampler.spacing=karras"], tmp_path)
-    assert cfg.metrics.fid.extractor == "classifier" and cfg.metrics.fid.num_samples == 500
+    evaluator = cfg.metrics.fid.evaluator
+    assert evaluator.extractor._target_.endswith("ClassifierFeatureExtractor.build")
+    assert evaluator.num_samples == 500
     assert cfg.task_name == "eval_sweep" and cfg.grid_samples == 25
     assert cfg.sampler.method == "heun"
 

@@ -1,12 +1,21 @@
 """FID: Fréchet distance math, the metric's DDP sums, the real-statistics cache, feature
-extractors (tiny, classifier, Inception weights handling) and the FIDCallback in a Trainer."""
+extractors (tiny, classifier, Inception weights handling), the FIDEvaluator without Lightning and
+the FIDCallback in a Trainer."""
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import logging
 import os
+import re
 import socket
+import subprocess
+import sys
 import time
+import types
 import urllib.error
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,21 +24,31 @@ import scipy.linalg
 import torch
 from torch.utils.data import TensorDataset
 
-from diffsweep.metrics import features as feat
-from diffsweep.metrics import fid as fidmod
-from diffsweep.metrics.features import (INCEPTION_ENV, INCEPTION_FILENAME, INCEPTION_URL,
-                                        InceptionWeightsError, TinyFeatureExtractor)
-from diffsweep.metrics.fid import (FrechetDistance, GaussianStats, frechet_distance,
-                                   load_or_compute_real_stats)
+from diffsweep.denoiser import Denoiser
+from diffsweep.metrics import real_stats
+from diffsweep.metrics.evaluator import RANK_SEED_STRIDE, FIDEvaluator, local_count, resolve_pairs
+from diffsweep.metrics.extractors import classifier as classifier_module
+from diffsweep.metrics.extractors import inception as inception_module
+from diffsweep.metrics.extractors.base import FeatureExtractor, extract_features
+from diffsweep.metrics.extractors.classifier import ClassifierFeatureExtractor
+from diffsweep.metrics.extractors.inception import (INCEPTION_ENV, INCEPTION_FILENAME,
+                                                    INCEPTION_URL, InceptionFeatureExtractor,
+                                                    InceptionWeightsError)
+from diffsweep.metrics.extractors.tiny import TinyFeatureExtractor
+from diffsweep.metrics.frechet import GaussianStats, frechet_distance
+from diffsweep.metrics.metric import FrechetDistance
+from diffsweep.metrics.real_stats import load_or_compute_real_stats
+from diffsweep.samplers import Sampler
+from diffsweep.schedules import DiscreteVPSchedule
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS_CONFIGS = REPO / "configs" / "metrics"
 
 
 # --------------------------------------------------------------------------------------------
 # helpers
-# --------------------------------------------------------------------------------------------
-
-
 # --------------------------------------------------------------------------------------------
 class ToyDataModule:
     """Implements the parts of the DataModule contract FID uses (INTERFACES.md)."""
@@ -42,6 +61,7 @@ class ToyDataModule:
         self.val = val
         self.image_shape = tuple(images.shape[1:])
         self.channels, self.resolution = self.image_shape[0], self.image_shape[-1]
+        self.real_image_calls: list[dict] = []
 
     def fingerprint(self, split: str) -> str:
         return f"{self.tag}-{split}-{self.resolution}-{len(self.images)}"
@@ -53,25 +73,30 @@ class ToyDataModule:
             return TensorDataset(*self.val)
         return TensorDataset(self.images, self.labels)
 
-    def real_images(self, split: str, max_count: int | None = None):
+    def real_images(self, split: str, max_count: int | None = None, batch_size: int | None = None,
+                    rank: int = 0, world_size: int = 1):
+        self.real_image_calls.append({"split": split, "max_count": max_count,
+                                      "batch_size": batch_size, "rank": rank,
+                                      "world_size": world_size})
         x = self.images if max_count is None else self.images[:max_count]
-        for i in range(0, len(x), 64):
-            yield x[i:i + 64]
+        x = x[rank::world_size]
+        step = batch_size or 64
+        for i in range(0, len(x), step):
+            yield x[i:i + step]
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
 
-class CountingExtractor(torch.nn.Module):
+class CountingExtractor(FeatureExtractor):
     """Tiny extractor that counts its calls."""
 
     name = "tiny"
-    comparable = False
 
-    def __init__(self):
+    def __init__(self, dim: int = 16):
         super().__init__()
-        self.inner = TinyFeatureExtractor(dim=16)
-        self.num_features = 16
+        self.inner = TinyFeatureExtractor(dim=dim)
+        self.num_features = dim
         self.calls = 0
 
     @property
@@ -81,6 +106,22 @@ class CountingExtractor(torch.nn.Module):
     def forward(self, x):
         self.calls += 1
         return self.inner(x)
+
+
+class ToyNet(torch.nn.Module):
+    """x0-prediction net: ``tanh(w + 0.5 x_in)``, so samples depend on the weight ``w`` and on
+    the noise."""
+
+    def __init__(self, shape=(1, 8, 8)):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(*shape))
+
+    def forward(self, x, c_noise, class_labels=None):
+        return torch.tanh(self.w + 0.5 * x)
+
+
+def _toy_denoiser(shape=(1, 8, 8)) -> Denoiser:
+    return Denoiser(ToyNet(shape), DiscreteVPSchedule(), prediction_type="sample")
 
 
 def _images(n=200, seed=0, shape=(1, 8, 8)):
@@ -96,6 +137,26 @@ def _scipy_fid(mu1, s1, mu2, s2):
 def _random_spd(d, rng):
     a = rng.standard_normal((d, d))
     return a @ a.T / d + 0.1 * np.eye(d)
+
+
+@pytest.fixture
+def record_generate(monkeypatch):
+    """Spy on the evaluator's ``generate``: one record per call (weight mean, count, seed...)."""
+    from diffsweep.metrics import evaluator as evaluator_module
+
+    calls: list[dict] = []
+    real_generate = evaluator_module.generate
+
+    def spy(denoiser, sampler, num_samples, image_shape, **kwargs):
+        net = denoiser.net
+        calls.append({"w": float(net.w.detach().mean()) if hasattr(net, "w") else None,
+                      "n": num_samples, "sampler": sampler.name, "shape": tuple(image_shape),
+                      "seed": kwargs["generator"].initial_seed(), "net": net,
+                      **{k: v for k, v in kwargs.items() if k != "generator"}})
+        return real_generate(denoiser, sampler, num_samples, image_shape, **kwargs)
+
+    monkeypatch.setattr(evaluator_module, "generate", spy)
+    return calls
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,6 +182,26 @@ def test_frechet_distance_closed_form_and_scipy():
     z = frechet_distance(torch.zeros(4), torch.tensor(s3), torch.zeros(4), torch.tensor(s3))
     assert abs(float(z)) < 1e-10
     assert z.dtype == torch.float64
+
+
+def test_analytic_gaussian_frechet_distance_uses_the_shared_formula():
+    """analytic.gaussian_frechet_distance == frechet_distance of the sample moments (one FID
+    formula in the package), and it still sees scale."""
+    from diffsweep.analytic import gaussian_frechet_distance
+
+    g = torch.Generator().manual_seed(3)
+    mean = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    root = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    cov = root @ root.T + 0.1 * torch.eye(3, dtype=torch.float64)
+    noise = torch.randn(5000, 3, generator=g, dtype=torch.float64)
+    samples = mean + noise @ torch.linalg.cholesky(cov).T
+    stats = GaussianStats.from_features(samples)
+    expected = float(frechet_distance(mean, cov, stats.mean, stats.cov))
+    assert gaussian_frechet_distance(samples, mean, cov) == pytest.approx(expected, rel=1e-10)
+    assert gaussian_frechet_distance(samples, mean, cov) < 0.02
+    assert gaussian_frechet_distance(1.5 * samples, mean, cov) > 0.5
+    source = (REPO / "src" / "diffsweep" / "analytic.py").read_text()
+    assert "linalg.eigh" not in source and "_sqrtm_psd" not in source
 
 
 def test_fid_of_sampled_shifted_gaussians():
@@ -154,6 +235,11 @@ def test_metric_states_sum_like_ddp():
     torch.testing.assert_close(r0.fake_sum, whole.fake_sum)
     torch.testing.assert_close(r0.fake_outer, whole.fake_outer)
     assert float(r0.compute()) == pytest.approx(float(whole.compute()), rel=1e-12)
+    with pytest.raises(ValueError, match=r"\(B, 6\)"):
+        whole.update(torch.zeros(3, 5))
+    with pytest.raises(RuntimeError, match="set_real"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchmetrics: compute before update
+        FrechetDistance(6).compute()
 
 
 def _ddp_worker(rank, world, init_file, out_dir):
@@ -194,9 +280,15 @@ def test_real_stats_cached_once_and_reused(tmp_path):
     ex = CountingExtractor()
     s1 = load_or_compute_real_stats(dm, ex, tmp_path, "train", batch_size=50)
     assert ex.calls > 0 and s1.count == 150
+    assert dm.real_image_calls == [{"split": "train", "max_count": None, "batch_size": 50,
+                                    "rank": 0, "world_size": 1}]
     files = list(tmp_path.iterdir())
     assert len(files) == 1 and files[0].suffix == ".npz"
     assert "tiny" in files[0].name and "train" in files[0].name
+    # the file name is the same digest as before the refactor: existing caches stay valid
+    key = real_stats.real_stats_key(dm, "train", ex, None)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    assert files[0].name == f"real-tiny-train-{digest}.npz"
     with np.load(files[0]) as z:  # the fingerprint is stored inside
         assert dm.fingerprint("train") in str(z["key"])
     ex.calls = 0
@@ -218,6 +310,11 @@ def test_real_stats_recomputed_on_new_fingerprint_or_max_count(tmp_path):
     ex.calls = 0
     s = load_or_compute_real_stats(ToyDataModule(_images(100), tag="a"), ex, tmp_path, max_count=50)
     assert ex.calls > 0 and s.count == 50
+    ex.calls = 0  # another extractor identity -> another entry
+    other = CountingExtractor(dim=8)
+    load_or_compute_real_stats(ToyDataModule(_images(100), tag="a"), other, tmp_path)
+    assert other.calls > 0
+    assert len(list(tmp_path.glob("*.npz"))) == 4
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong_key", "nan"])
@@ -236,19 +333,19 @@ def test_corrupt_or_mismatched_cache_is_recomputed(tmp_path, caplog, damage):
             bad.key = good.key.replace(dm.fingerprint("train"), "another-dataset")
         else:
             bad.mean[0] = float("nan")
-        fidmod.save_stats(path, bad)
+        real_stats.save_stats(path, bad)
     ex.calls = 0
-    with caplog.at_level(logging.WARNING, logger="diffsweep.metrics.fid"):
+    with caplog.at_level(logging.WARNING, logger="diffsweep.metrics.real_stats"):
         again = load_or_compute_real_stats(dm, ex, tmp_path)
     assert ex.calls > 0
     assert any("recomputing" in r.message for r in caplog.records)
     torch.testing.assert_close(again.mean, good.mean)
-    fidmod.load_stats(path, good.key)  # rewritten file is valid again
+    real_stats.load_stats(path, good.key)  # rewritten file is valid again
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path, monkeypatch):
     dm = ToyDataModule(_images(60))
-    load_or_compute_real_stats(dm, CountingExtractor(), tmp_path)
+    stats = load_or_compute_real_stats(dm, CountingExtractor(), tmp_path)
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".npz")] == []
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
     (path,) = tmp_path.iterdir()
@@ -257,11 +354,36 @@ def test_atomic_write_leaves_no_temp_files(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(fidmod.os, "replace", boom)
+    import diffsweep.files
+
+    monkeypatch.setattr(diffsweep.files.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
-        fidmod.atomic_write_bytes(path, b"new content")
+        real_stats.save_stats(path, stats)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # temp file removed
     assert path.read_bytes() == before  # old file intact
+
+
+def test_metrics_package_has_no_private_infrastructure():
+    """Atomic writes, hashes and collate come from diffsweep.files / diffsweep.data.base."""
+    root = REPO / "src" / "diffsweep" / "metrics"
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        for banned in ("import hashlib", "os.replace", "fcntl", "tempfile", "def _collate",
+                       "default_collate", "import lightning", "from lightning"):
+            assert banned not in text, f"{banned!r} in {path.relative_to(REPO)}"
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch: ~10 s on a loaded machine
+def test_metrics_modules_import_without_lightning():
+    code = ("import sys\n"
+            "import diffsweep.metrics.evaluator, diffsweep.metrics.real_stats\n"
+            "import diffsweep.metrics.extractors.inception, diffsweep.metrics.extractors.tiny\n"
+            "import diffsweep.metrics.extractors.classifier\n"
+            "print(sorted(m for m in sys.modules if m == 'lightning' or m.startswith('lightning.')"
+            " or m.startswith('pytorch_lightning')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,6 +408,13 @@ def test_tiny_extractor_deterministic_and_shape_agnostic():
     torch.testing.assert_close(ex(x1), ex(x1.expand(-1, 3, -1, -1)))
     with pytest.raises(ValueError, match="1- or 3-channel"):
         ex(_images(2, shape=(4, 8, 8)))
+    # the factory ignores the data: same extractor as the constructor
+    built = TinyFeatureExtractor.build(datamodule=None, cache_dir=None, dim=64, seed=0)
+    assert built.identity == ex.identity and torch.equal(built(x1), ex(x1))
+    features = extract_features(ex, [x1[:2], (x1[2:], torch.zeros(3))], batch_size=2)
+    assert features.dtype == torch.float64 and features.shape == (5, 64)
+    # batch sizes differ: float32 rounding only
+    torch.testing.assert_close(features, ex(x1).double(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture
@@ -300,7 +429,7 @@ def offline_hub(tmp_path, monkeypatch):
         calls.append((url, dst, timeout))
         raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
 
-    monkeypatch.setattr(feat, "_download", fail)
+    monkeypatch.setattr(inception_module, "_download", fail)
     yield calls
     torch.hub.set_dir(old)
 
@@ -308,12 +437,12 @@ def offline_hub(tmp_path, monkeypatch):
 def test_missing_inception_weights_error_is_clear(offline_hub, tmp_path):
     t0 = time.monotonic()
     with pytest.raises(InceptionWeightsError) as info:
-        feat.InceptionFeatureExtractor(timeout=3.0)
+        InceptionFeatureExtractor(timeout=3.0)
     assert time.monotonic() - t0 < 5
     msg = str(info.value)
     for needle in (INCEPTION_URL, INCEPTION_FILENAME, INCEPTION_ENV,
-                   "metrics.fid.inception_weights", str(tmp_path / "hub" / "checkpoints"),
-                   "download failed"):
+                   "metrics.fid.evaluator.extractor.weights", str(tmp_path / "hub" / "checkpoints"),
+                   "download failed", "metrics=fid_classifier"):
         assert needle in msg, needle
     assert isinstance(info.value, FileNotFoundError)
     (url, dst, timeout), = offline_hub
@@ -321,26 +450,40 @@ def test_missing_inception_weights_error_is_clear(offline_hub, tmp_path):
     assert not Path(dst).exists()
 
 
+def test_inception_config_key_in_error_exists_in_config(tmp_path):
+    """The config key the error message names is where the fid config keeps the weights."""
+    cfg = _compose_metrics("fid", tmp_path)
+    node = cfg
+    for part in inception_module.INCEPTION_CONFIG_KEY.split("."):
+        assert part in node, inception_module.INCEPTION_CONFIG_KEY
+        node = node[part]
+    assert node is None
+
+
 def test_inception_weights_path_resolution(offline_hub, tmp_path, monkeypatch):
     missing = tmp_path / "nope.pth"
     with pytest.raises(InceptionWeightsError, match="nope.pth"):
-        feat.resolve_inception_weights(missing)
+        inception_module.resolve_inception_weights(missing)
     monkeypatch.setenv(INCEPTION_ENV, str(missing))
     with pytest.raises(InceptionWeightsError, match=INCEPTION_ENV):
-        feat.resolve_inception_weights()
+        inception_module.resolve_inception_weights()
     present = tmp_path / "w.pth"
     present.write_bytes(b"x")
     monkeypatch.setenv(INCEPTION_ENV, str(present))
-    assert feat.resolve_inception_weights() == present
-    assert feat.resolve_inception_weights(str(present)) == present
+    assert inception_module.resolve_inception_weights() == present
+    assert inception_module.resolve_inception_weights(str(present)) == present
     monkeypatch.delenv(INCEPTION_ENV)
-    hub = feat.inception_hub_path()
+    with pytest.raises(InceptionWeightsError, match="downloads are disabled"):
+        inception_module.resolve_inception_weights(download=False)
+    hub = inception_module.inception_hub_path()
     hub.parent.mkdir(parents=True)
     hub.write_bytes(b"x")
-    assert feat.resolve_inception_weights() == hub  # torch hub cache found without downloading
+    assert inception_module.resolve_inception_weights() == hub  # hub cache found, no download
     assert offline_hub == []
     with pytest.raises(InceptionWeightsError, match="could not be loaded"):
-        feat.InceptionFeatureExtractor(present)  # not a checkpoint
+        InceptionFeatureExtractor(present)  # not a checkpoint
+    with pytest.raises(InceptionWeightsError, match="could not be loaded"):  # the factory too
+        InceptionFeatureExtractor.build(datamodule=None, cache_dir=tmp_path, weights=present)
 
 
 def test_inception_pipeline_matches_torchmetrics():
@@ -349,7 +492,7 @@ def test_inception_pipeline_matches_torchmetrics():
     [-1,1] -> uint8 -> RGB path; the TF1-style resize to 299 happens inside the net)."""
     from torchmetrics.image.fid import NoTrainInceptionV3
 
-    ours = feat.InceptionFeatureExtractor(random_weights=True)
+    ours = InceptionFeatureExtractor(random_weights=True)
     assert isinstance(ours.net, NoTrainInceptionV3) and ours.net.use_antialias is False
     assert ours.identity.endswith(":random") and ours.num_features == 2048
     x = _images(2, shape=(1, 16, 16))
@@ -360,12 +503,13 @@ def test_inception_pipeline_matches_torchmetrics():
 
 
 @pytest.mark.inception
-@pytest.mark.skipif(not (os.environ.get(INCEPTION_ENV) and os.path.isfile(os.environ[INCEPTION_ENV])),
+@pytest.mark.skipif(not (os.environ.get(INCEPTION_ENV)
+                         and os.path.isfile(os.environ[INCEPTION_ENV])),
                     reason=f"{INCEPTION_ENV} does not point to the Inception weights file")
 def test_real_inception_on_8_images():
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    ex = feat.InceptionFeatureExtractor()
+    ex = InceptionFeatureExtractor()
     assert ex.identity.startswith("inception-v3") and ex.comparable
     real, fake = _images(8, seed=0, shape=(3, 32, 32)), _images(8, seed=1, shape=(3, 32, 32))
     f_real, f_fake = ex(real).double(), ex(fake).double()
@@ -395,47 +539,90 @@ def _digits_dm(resolution=16):
 def test_classifier_extractor_trains_fast_and_is_cached(tmp_path, monkeypatch):
     dm = _digits_dm()
     t0 = time.monotonic()
-    ex = feat.build_feature_extractor("classifier", datamodule=dm, cache_dir=tmp_path)
+    ex = ClassifierFeatureExtractor.build(datamodule=dm, cache_dir=tmp_path)
     took = time.monotonic() - t0
     assert took < 30, f"classifier training took {took:.1f}s"
     assert ex.accuracy is not None and ex.accuracy > 0.85
     assert not ex.comparable and ex.identity.startswith("classifier")
     assert ex(dm.images[:4]).shape == (4, ex.num_features)
+    # the weights hash is the same digest as before the refactor (cached stats stay valid)
+    legacy = hashlib.sha256()
+    for name, tensor in sorted(ex.net.state_dict().items()):
+        legacy.update(name.encode())
+        legacy.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    assert ex.weights_sha256 == legacy.hexdigest()
+    (path,) = tmp_path.glob("classifier-*.pt")
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no partial files left
 
     def no_training(*a, **k):
         raise AssertionError("should load from cache")
 
-    monkeypatch.setattr(feat, "train_classifier", no_training)
-    again = feat.build_feature_extractor("classifier", datamodule=dm, cache_dir=tmp_path)
+    monkeypatch.setattr(classifier_module, "train_classifier", no_training)
+    again = ClassifierFeatureExtractor.build(datamodule=dm, cache_dir=tmp_path)
     assert again.identity == ex.identity
     torch.testing.assert_close(again(dm.images[:4]), ex(dm.images[:4]))
+    # other training settings -> another cache entry (so: trains)
+    with pytest.raises(AssertionError, match="should load from cache"):
+        ClassifierFeatureExtractor.build(datamodule=dm, cache_dir=tmp_path, seed=1)
     # corrupt cache -> retrain (our stub raises: proves it tried)
-    (path,) = tmp_path.glob("classifier-*.pt")
     path.write_bytes(b"junk")
     with pytest.raises(AssertionError, match="should load from cache"):
-        feat.build_feature_extractor("classifier", datamodule=dm, cache_dir=tmp_path)
+        ClassifierFeatureExtractor.build(datamodule=dm, cache_dir=tmp_path)
 
 
-def test_classifier_needs_labels(tmp_path):
+def test_classifier_needs_labels_datamodule_and_cache_dir(tmp_path):
     dm = ToyDataModule(_images(300))  # labels -1
     with pytest.raises(ValueError, match="labelled"):
-        feat.build_feature_extractor("classifier", datamodule=dm, cache_dir=tmp_path,
-                                     train_samples=128)
+        ClassifierFeatureExtractor.build(datamodule=dm, cache_dir=tmp_path, train_samples=128)
+    with pytest.raises(ValueError, match="datamodule"):
+        ClassifierFeatureExtractor.build(datamodule=None, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="cache_dir"):
+        ClassifierFeatureExtractor.build(datamodule=dm, cache_dir=None)
 
 
-def test_unknown_extractor():
-    with pytest.raises(ValueError, match="inception, tiny, classifier"):
-        feat.build_feature_extractor("clip")
+def _compose_metrics(name: str, tmp_path: Path):
+    from tests.conftest import compose_config
+
+    return compose_config("train", [f"metrics={name}"], tmp_path)
+
+
+@pytest.mark.parametrize("name,cls", [("inception", InceptionFeatureExtractor),
+                                      ("tiny", TinyFeatureExtractor),
+                                      ("classifier", ClassifierFeatureExtractor)])
+def test_extractor_configs_instantiate_via_target(tmp_path, monkeypatch, name, cls):
+    """Each extractor config is a factory (``_partial_``) called with datamodule= and cache_dir=."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(METRICS_CONFIGS / "extractor" / f"{name}.yaml")
+    assert node._partial_ is True and node._target_.endswith(f"{cls.__name__}.build")
+    factory = instantiate(node)
+    assert not isinstance(factory, torch.nn.Module)  # nothing built yet
+    if name == "inception":  # no download in tests: a present (invalid) local file is enough
+        weights = tmp_path / "w.pth"
+        weights.write_bytes(b"x")
+        with pytest.raises(InceptionWeightsError, match="could not be loaded"):
+            factory(datamodule=None, cache_dir=tmp_path, weights=str(weights))
+        monkeypatch.setattr(cls, "__init__", lambda self, **kw: setattr(self, "kw", kw))
+        built = factory(datamodule=None, cache_dir=tmp_path)
+        assert built.kw == {"weights": None, "download": True, "timeout": 10.0}
+        return
+    if name == "classifier":
+        factory = instantiate(node, train_samples=256)
+        built = factory(datamodule=_digits_dm(), cache_dir=tmp_path)
+        assert len(list(tmp_path.glob("classifier-*.pt"))) == 1
+    else:
+        built = factory(datamodule=None, cache_dir=tmp_path)
+        assert built.num_features == 64
+    assert isinstance(built, cls) and isinstance(built, FeatureExtractor)
+    assert built(_images(2, shape=(1, 16, 16))).shape == (2, built.num_features)
 
 
 # --------------------------------------------------------------------------------------------
-# callback
+# evaluator (no Lightning)
 # --------------------------------------------------------------------------------------------
 def test_resolve_pairs():
     from omegaconf import OmegaConf
-
-    from diffsweep.callbacks.fid import resolve_pairs
-    from diffsweep.samplers import Sampler
 
     pairs = resolve_pairs(OmegaConf.create([{"sampler": "ddim", "num_steps": 20},
                                             {"sampler": "heun", "num_steps": 10,
@@ -443,12 +630,148 @@ def test_resolve_pairs():
     assert [n for n, _ in pairs] == ["ddim_20", "heun_k10"]
     assert pairs[1][1].spacing == "karras" and pairs[1][1].nfe == Sampler("heun", 10).nfe
     assert resolve_pairs([Sampler("euler", 5)])[0][0] == "euler_5"
+    assert resolve_pairs([("mine", Sampler("euler", 5))])[0][0] == "mine"
     with pytest.raises(ValueError, match="Duplicate"):
         resolve_pairs([{"sampler": "ddim", "num_steps": 5}, Sampler("ddim", 5)])
     with pytest.raises(ValueError, match="Unknown sampler"):
         resolve_pairs([{"sampler": "nope", "num_steps": 5}])
+    with pytest.raises(ValueError, match="needs a 'sampler' key"):
+        resolve_pairs([{"num_steps": 5}])
+    with pytest.raises(ValueError, match="at least one"):
+        resolve_pairs([])
 
 
+def test_evaluator_rejects_bad_settings_before_work():
+    with pytest.raises(ValueError, match="num_samples must be >= 2, got 1"):
+        FIDEvaluator(TinyFeatureExtractor(), num_samples=1)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        FIDEvaluator(TinyFeatureExtractor(), batch_size=0)
+    with pytest.raises(ValueError, match="real_max_count"):
+        FIDEvaluator(TinyFeatureExtractor(), real_max_count=1)
+    with pytest.raises(ValueError, match="extractor must be a FeatureExtractor or a factory"):
+        FIDEvaluator("tiny")
+    evaluator = FIDEvaluator(TinyFeatureExtractor(), num_samples=4)
+    with pytest.raises(RuntimeError, match="before prepare"):
+        evaluator.update(_toy_denoiser(), [Sampler("ddim", 2)], image_shape=(1, 8, 8))
+    with pytest.raises(RuntimeError, match="before update"):
+        evaluator.compute()
+    with pytest.raises(TypeError, match="not a FeatureExtractor"):
+        FIDEvaluator(lambda **kw: "nope").prepare_extractor()
+
+
+def test_evaluator_with_plain_denoiser(tmp_path, record_generate):
+    """FIDEvaluator scores a plain Denoiser (no LightningModule), with common random numbers."""
+    dm = ToyDataModule(torch.tanh(0.5 + 0.5 * torch.randn(
+        120, 1, 8, 8, generator=torch.Generator().manual_seed(5))))
+    denoiser = _toy_denoiser()
+    evaluator = FIDEvaluator(functools.partial(TinyFeatureExtractor.build, dim=16),
+                             num_samples=24, batch_size=10, seed=7, cache_dir=str(tmp_path))
+    assert evaluator.extractor is None and evaluator.real_stats is None  # nothing heavy yet
+    pairs = [{"sampler": "ddim", "num_steps": 3}, {"sampler": "heun", "num_steps": 2}]
+    results = evaluator.evaluate(denoiser, pairs, dm)
+    assert set(results) == {"fid/ddim_3", "fid/heun_2", "nfe/ddim_3", "nfe/heun_2"}
+    assert results["nfe/heun_2"] == 3 and isinstance(results["nfe/ddim_3"], int)
+    assert all(np.isfinite(results[k]) and results[k] >= 0 for k in results if k.startswith("fid/"))
+    assert evaluator.extractor.identity == TinyFeatureExtractor(dim=16).identity
+    assert evaluator.real_stats.count == 120
+    # generate: this rank's count, the datamodule's shape, the same seed for every pair
+    assert [(c["n"], c["sampler"], c["shape"], c["seed"]) for c in record_generate] == [
+        (24, "ddim_3", (1, 8, 8), 7), (24, "heun_2", (1, 8, 8), 7)]
+    assert record_generate[0]["batch_size"] == 10 and record_generate[0]["net"] is denoiser.net
+    assert record_generate[0]["precision"] == "32" and record_generate[0]["compile"] is False
+    # the same noise at every evaluation: same values; the real statistics come from the cache
+    dm.real_image_calls.clear()
+    assert evaluator.evaluate(denoiser, pairs, dm) == results
+    fresh = FIDEvaluator(TinyFeatureExtractor(dim=16), num_samples=24, batch_size=10, seed=7,
+                         cache_dir=str(tmp_path))
+    assert fresh.evaluate(denoiser, pairs, dm) == results
+    assert dm.real_image_calls == []
+    # FID sees the weights: a shifted net scores worse
+    with torch.no_grad():
+        denoiser.net.w.fill_(-1.5)
+    assert evaluator.evaluate(denoiser, pairs, dm)["fid/ddim_3"] > results["fid/ddim_3"]
+
+
+def test_evaluator_rank_shares_and_seeds(tmp_path, record_generate):
+    """Rank r of W samples its share (remainder to the first ranks) with seed + r * stride, and
+    forwards precision/compile/freeze/image_shape to generate; decode's output is clamped."""
+    dm = ToyDataModule(_images(40))
+    evaluator = FIDEvaluator(TinyFeatureExtractor(dim=8), num_samples=65, batch_size=16, seed=3,
+                             cache_dir=str(tmp_path))
+    evaluator.prepare(dm)
+    assert [local_count(65, 4, r) for r in range(4)] == [17, 16, 16, 16]
+    assert sum(local_count(65, 4, r) for r in range(4)) == 65
+    decoded = []
+
+    def decode(x):
+        decoded.append(x.shape[0])
+        return 3 * x  # out of range: must be clamped before the extractor
+
+    evaluator.update(_toy_denoiser(), [Sampler("euler", 2)], image_shape=(1, 8, 8), decode=decode,
+                     precision="bf16", compile=False, freeze_weights=True,
+                     compile_options={"mode": "default"}, rank=1, world_size=4)
+    (call,) = record_generate
+    assert call["n"] == 16 and call["seed"] == 3 + RANK_SEED_STRIDE
+    assert call["precision"] == "bf16" and call["freeze_weights"] is True
+    assert call["compile_options"] == {"mode": "default"}
+    assert decoded == [16]
+    metric = evaluator._metrics["euler_2"]
+    assert int(metric.fake_count) == 16
+    with pytest.raises(ValueError, match=r"rank must be in \[0, 4\)"):
+        evaluator.update(_toy_denoiser(), [Sampler("euler", 2)], image_shape=(1, 8, 8), rank=4,
+                         world_size=4)
+
+
+def _evaluator_ddp_worker(rank, world, init_file, out_dir, cache_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dm = ToyDataModule(_images(90, seed=2))
+    evaluator = FIDEvaluator(TinyFeatureExtractor(dim=8), num_samples=11, batch_size=4, seed=5,
+                             cache_dir=cache_dir)
+    results = evaluator.evaluate(_toy_denoiser(), [Sampler("ddim", 2)], dm, rank=rank,
+                                 world_size=world)
+    torch.save({"results": results, "real_mean": evaluator.real_stats.mean,
+                "real_cov": evaluator.real_stats.cov, "calls": dm.real_image_calls},
+               os.path.join(out_dir, f"e{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # 2 processes
+def test_evaluator_under_gloo_matches_one_process(tmp_path):
+    """Two ranks: each computes its shard of the real statistics (sums all-reduced, rank 0
+    writes the cache) and its share of the samples; both get the FID of all samples together."""
+    import torch.multiprocessing as mp
+
+    cache = tmp_path / "cache"
+    mp.spawn(_evaluator_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), str(cache)),
+             nprocs=2, join=True)
+    dm = ToyDataModule(_images(90, seed=2))
+    extractor = TinyFeatureExtractor(dim=8)
+    real = load_or_compute_real_stats(dm, extractor, tmp_path / "single", batch_size=4)
+    from diffsweep.generate import generate
+
+    features = []
+    for rank in range(2):
+        generator = torch.Generator().manual_seed(5 + RANK_SEED_STRIDE * rank)
+        samples = generate(_toy_denoiser(), Sampler("ddim", 2), local_count(11, 2, rank),
+                           (1, 8, 8), generator=generator, batch_size=4)
+        features.append(extractor(samples.clamp(-1, 1)).double())
+    expected = GaussianStats.from_features(torch.cat(features)).frechet_distance(real)
+    for rank in range(2):
+        out = torch.load(tmp_path / f"e{rank}.pt")
+        assert out["results"]["fid/ddim_2"] == pytest.approx(expected, rel=1e-8)
+        torch.testing.assert_close(out["real_mean"], real.mean)
+        torch.testing.assert_close(out["real_cov"], real.cov)
+        assert [(c["rank"], c["world_size"]) for c in out["calls"]] == [(rank, 2)]
+    (cached,) = cache.glob("real-tiny-train-*.npz")
+    torch.testing.assert_close(real_stats.load_stats(cached).cov, real.cov)
+
+
+# --------------------------------------------------------------------------------------------
+# callback
+# --------------------------------------------------------------------------------------------
 def _toy_lightning(tmp_path, fid_first: bool, **fid_kwargs):
     import lightning as L
     from lightning.pytorch.callbacks import EMAWeightAveraging
@@ -456,32 +779,25 @@ def _toy_lightning(tmp_path, fid_first: bool, **fid_kwargs):
 
     from diffsweep.callbacks.fid import FIDCallback
 
-    calls = []  # shared by the module and EMA's deep copy of it
-
     class ToyModule(L.LightningModule):
-        """Samples = tanh(w + noise): FID depends on the (EMA) weight."""
+        """The attributes FIDCallback reads: denoiser, image_shape, sample_* and compile_options."""
 
         def __init__(self):
             super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1, 8, 8))
-
-        @property
-        def sample_calls(self):
-            return calls  # a closure, not an attribute: EMA's deepcopy shares it
+            self.denoiser = _toy_denoiser()
+            self.image_shape = (1, 8, 8)
+            self.sample_precision = "32"
+            self.sample_compile = False
+            self.compile_options = {}
 
         def training_step(self, batch, idx):
-            return ((self.w - 0.5) ** 2).mean()
+            return ((self.denoiser.net.w - 0.5) ** 2).mean()
 
         def validation_step(self, batch, idx):
             pass
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.5)
-
-        def sample(self, sampler, num_samples, generator=None, batch_size=None):
-            self.sample_calls.append((float(self.w.mean()), num_samples, sampler.name))
-            noise = torch.randn(num_samples, 1, 8, 8, generator=generator)
-            return torch.tanh(self.w.detach() + 0.5 * noise)
 
     class DM(ToyDataModule, L.LightningDataModule):
         def __init__(self):
@@ -495,9 +811,10 @@ def _toy_lightning(tmp_path, fid_first: bool, **fid_kwargs):
         def val_dataloader(self):
             return DataLoader(TensorDataset(self.images, self.labels), batch_size=32)
 
-    fid = FIDCallback(pairs=[{"sampler": "ddim", "num_steps": 5}, {"sampler": "heun", "num_steps": 3}],
-                      num_samples=64, extractor="tiny", cache_dir=str(tmp_path / "fid"),
-                      batch_size=32, **fid_kwargs)
+    evaluator = FIDEvaluator(TinyFeatureExtractor.build, num_samples=64, batch_size=32,
+                             cache_dir=str(tmp_path / "fid"))
+    fid = FIDCallback(evaluator, pairs=[{"sampler": "ddim", "num_steps": 5},
+                                        {"sampler": "heun", "num_steps": 3}], **fid_kwargs)
     ema = EMAWeightAveraging(decay=0.5)
     module, dm = ToyModule(), DM()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=2, limit_train_batches=3,
@@ -509,58 +826,135 @@ def _toy_lightning(tmp_path, fid_first: bool, **fid_kwargs):
 
 
 @pytest.mark.parametrize("fid_first", [True, False])
-def test_fid_callback_in_trainer(tmp_path, fid_first):
+def test_fid_callback_in_trainer(tmp_path, fid_first, record_generate):
     import csv
 
     trainer, module, dm, fid, ema = _toy_lightning(tmp_path, fid_first)
     trainer.fit(module, datamodule=dm)
     # 2 validation epochs x 2 pairs + train end x 2 pairs; none during the sanity check
-    assert len(module.sample_calls) == 6
-    assert {c[2] for c in module.sample_calls} == {"ddim_5", "heun_3"}
+    assert len(record_generate) == 6
+    assert {c["sampler"] for c in record_generate} == {"ddim_5", "heun_3"}
+    assert all(c["n"] == 64 and c["seed"] == 0 for c in record_generate)
+    # validation samples with EMA weights swapped into the module's own net
+    assert all(c["net"] is module.denoiser.net for c in record_generate[:4])
     # the extractor/metrics never enter the module (EMA would average/copy them)
-    assert all(not k.startswith(("inner", "_extractor")) for k in module.state_dict())
+    assert all("extractor" not in k and "metric" not in k and not k.endswith(("w1", "w2", "proj"))
+               for k in module.state_dict())
     assert set(fid.results) == {"fid/ddim_5", "fid/heun_3", "nfe/ddim_5", "nfe/heun_3"}
     assert fid.results["nfe/heun_3"] == 5 and fid.results["nfe/ddim_5"] == 5
     # final FID used the EMA weights, whatever the callback order
-    ema_w = float(ema._average_model.module.w.detach().mean())
-    assert module.sample_calls[-1][0] == pytest.approx(ema_w)
+    ema_w = float(ema._average_model.module.denoiser.net.w.detach().mean())
+    assert record_generate[-1]["w"] == pytest.approx(ema_w)
+    # EMA after FID: its on_train_end has not copied the weights in yet -> its averaged copy
+    final_net = ema._average_model.module.denoiser.net if fid_first else module.denoiser.net
+    assert all(c["net"] is final_net for c in record_generate[4:])
+    assert record_generate[0]["w"] != pytest.approx(ema_w)  # the weights moved in between
     with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert sum(bool(r["fid/ddim_5"]) for r in rows) == 3  # 2 validation epochs + train end
     assert {float(r["nfe/heun_3"]) for r in rows if r["nfe/heun_3"]} == {5.0}
     assert float(trainer.callback_metrics["fid/ddim_5"]) == pytest.approx(fid.results["fid/ddim_5"])
     assert len(list((tmp_path / "fid").glob("real-tiny-train-*.npz"))) == 1
+    assert fid.state_dict() == {"val_epochs": 2}
 
 
-def test_fid_callback_every_n_and_evaluate(tmp_path):
+def test_fid_callback_every_n_and_evaluate(tmp_path, record_generate):
     trainer, module, dm, fid, _ = _toy_lightning(tmp_path, True, every_n_val_epochs=2,
                                                  at_train_end=False)
     trainer.fit(module, datamodule=dm)
-    assert len(module.sample_calls) == 2  # only the 2nd validation epoch, 2 pairs
-    res = fid.evaluate(module, dm)
+    assert len(record_generate) == 2  # only the 2nd validation epoch, 2 pairs
+    res = fid.evaluator.evaluate(module.denoiser, fid.pairs, dm)
     assert res["fid/ddim_5"] >= 0 and res["nfe/ddim_5"] == 5
     # same seed -> same value
-    assert fid.evaluate(module, dm)["fid/ddim_5"] == res["fid/ddim_5"]
-    # per-rank shares sum to num_samples
-    fid.num_samples = 65
-    assert sum(fid._local_count(4, r) for r in range(4)) == 65
+    assert fid.evaluator.evaluate(module.denoiser, fid.pairs, dm)["fid/ddim_5"] == res["fid/ddim_5"]
+    with pytest.raises(ValueError, match="every_n_val_epochs must be >= 0"):
+        type(fid)(fid.evaluator, every_n_val_epochs=-1)
+    with pytest.raises(ValueError, match="must be a FIDEvaluator"):
+        type(fid)("tiny")
 
 
-def test_metrics_configs_instantiate(tmp_path):
+def test_fid_callback_rank0_builds_the_extractor_first(tmp_path):
+    """Under DDP rank 0 builds the extractor while the others wait in a collective; a failure
+    on rank 0 is raised there and reported on the other ranks instead of hanging them."""
+    from diffsweep.callbacks.fid import FIDCallback
+
+    events = []
+
+    def trainer(rank, rank0_failed=False):
+        strategy = types.SimpleNamespace(
+            broadcast=lambda obj, src=0: events.append(("broadcast", rank, obj)) or
+            (rank0_failed if rank else obj))
+        return types.SimpleNamespace(world_size=2, global_rank=rank, is_global_zero=rank == 0,
+                                     strategy=strategy, datamodule=object())
+
+    def factory(datamodule, cache_dir):
+        events.append(("build", datamodule))
+        raise OSError("offline")
+
+    module = types.SimpleNamespace(device=torch.device("cpu"))
+    with pytest.raises(OSError, match="offline"):
+        FIDCallback(FIDEvaluator(factory))._prepare(trainer(0), module)
+    assert [e[0] for e in events] == ["build", "broadcast"] and events[1][2] is True
+    events.clear()
+    with pytest.raises(RuntimeError, match="rank 0 could not build"):
+        FIDCallback(FIDEvaluator(factory))._prepare(trainer(1, rank0_failed=True), module)
+    assert [e[0] for e in events] == ["broadcast"]  # rank 1 never tried to build
+    with pytest.raises(ValueError, match="trainer.datamodule"):
+        FIDCallback(FIDEvaluator(factory))._prepare(
+            types.SimpleNamespace(datamodule=None, world_size=1), module)
+
+
+# --------------------------------------------------------------------------------------------
+# configs
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,extractor", [("fid", "InceptionFeatureExtractor"),
+                                            ("fid_classifier", "ClassifierFeatureExtractor"),
+                                            ("fid_tiny", "TinyFeatureExtractor")])
+def test_metrics_configs_instantiate(tmp_path, name, extractor):
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
     from diffsweep.callbacks.fid import FIDCallback
 
-    root = Path(__file__).resolve().parents[1] / "configs" / "metrics"
-    names = sorted(p.stem for p in root.glob("fid*.yaml"))
-    assert {"fid", "fid_classifier", "fid_tiny"} <= set(names)
-    for name in names:
-        cfg = OmegaConf.merge({"paths": {"cache_dir": str(tmp_path)}},
-                              {"metrics": OmegaConf.load(root / f"{name}.yaml")})
-        node = cfg.metrics.fid
-        assert "inception_weights" in node and node._target_.endswith("FIDCallback")
-        cb = instantiate(node)
-        assert isinstance(cb, FIDCallback)
-        assert cb.cache_dir == str(tmp_path / "fid")
-        assert cb.extractor is None  # nothing heavy happens at construction
+    cfg = _compose_metrics(name, tmp_path)
+    node = cfg.metrics.fid
+    assert node._target_.endswith("FIDCallback")
+    assert node.evaluator._target_ == "diffsweep.metrics.evaluator.FIDEvaluator"
+    assert node.evaluator.extractor._target_.endswith(f"{extractor}.build")
+    assert node.evaluator.num_samples == (500 if name == "fid_tiny" else 2000)
+    cb = instantiate(node)
+    assert isinstance(cb, FIDCallback) and [n for n, _ in cb.pairs] == ["ddim_20", "dpmpp_2m_10"]
+    assert cb.evaluator.cache_dir == str(Path(cfg.paths.cache_dir) / "fid")
+    assert cb.evaluator.extractor is None  # nothing heavy happens at construction
+    # evaluate.py builds the evaluator alone
+    alone = instantiate(node.evaluator, seed=3)
+    assert isinstance(alone, FIDEvaluator) and alone.seed == 3 and alone.extractor is None
+    assert "weights" in node.evaluator.extractor if name == "fid" else True
+
+
+def test_metrics_configs_comment_every_key_and_repeat_nothing():
+    """Every key has a one-line comment; the variants only name what differs from fid.yaml."""
+    files = sorted(METRICS_CONFIGS.rglob("*.yaml"))
+    assert {p.stem for p in files} >= {"fid", "fid_classifier", "fid_tiny", "none", "inception",
+                                       "tiny", "classifier"}
+    for path in files:
+        for line in path.read_text().splitlines():
+            stripped = line.strip()
+            if not stripped or stripped.startswith("#") or stripped in ("defaults:",):
+                continue
+            if re.match(r"^(- )?[A-Za-z_@/.]+:", stripped) and not re.match(
+                    r"^(fid:|evaluator:|_target_:)", stripped):
+                assert "#" in line, f"{path.name}: no comment on {stripped!r}"
+    for variant in ("fid_classifier", "fid_tiny"):
+        text = (METRICS_CONFIGS / f"{variant}.yaml").read_text()
+        assert "_target_" not in text and "cache_dir" not in text and "pairs" not in text
+
+
+def test_training_run_with_fid_tiny(train_config):
+    """A full train.py run with metrics=fid_tiny logs FID for both pairs at train end."""
+    from diffsweep.train import run
+
+    cfg = train_config("metrics=fid_tiny", "metrics.fid.evaluator.num_samples=8",
+                       "metrics.fid.evaluator.batch_size=8", "metrics.fid.every_n_val_epochs=0",
+                       "metrics.fid.pairs=[{sampler: ddim, num_steps: 2}]")
+    metrics = run(cfg)
+    assert metrics["nfe/ddim_2"] == 2 and np.isfinite(metrics["fid/ddim_2"])

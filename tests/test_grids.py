@@ -9,6 +9,9 @@ Deliberate differences from diffusers:
   ``linspace_frac``.
 - DPM-Solver++/UniPC's ``leading``/``linspace`` (``num_steps + 1`` points, last dropped) are not
   reproduced; their ``trailing`` equals ours.
+- ``trailing`` keeps ``num_steps`` timesteps: for 62 step counts in 1..1000 (61, 103, ..., 769,
+  ..., 998) diffusers' ``arange(N, 0, -N / n)`` rounds to one extra entry, timestep -1 (``n + 1``
+  steps); ours drops it and equals diffusers' first ``n`` timesteps.
 - ``karras`` uses the schedule's sigma_min/sigma_max (table ends for discrete schedules), which is
   what ``EulerDiscreteScheduler(use_karras_sigmas=True)`` uses with its default ``linspace``
   spacing; with ``leading``/``trailing`` diffusers takes the ends of that spacing's grid instead.
@@ -20,7 +23,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffsweep.grids import SPACINGS, discrete_timesteps, resolve_spacing, sigma_grid
+from diffsweep.grids import (DISCRETE_SPACINGS, SPACINGS, check_num_steps, discrete_timesteps,
+                             resolve_spacing, sigma_grid)
 from diffsweep.samplers import Sampler
 from diffsweep.schedules import (ContinuousVPSchedule, DiscreteVPSchedule, EDMSchedule,
                                  VESchedule)
@@ -159,3 +163,70 @@ def test_discrete_spacing_on_continuous_schedule(schedule):
 def test_spacings_listed():
     assert set(SPACINGS) == {"auto", "leading", "trailing", "linspace", "linspace_frac", "karras",
                              "uniform_t", "log_snr"}
+
+
+# ----------------------------------------------------------------------------- num_steps: one check
+
+
+@pytest.mark.parametrize("num_steps", [0, -3, 2.5, True, "10", None])
+def test_num_steps_is_checked_in_one_place_with_one_message(num_steps):
+    """check_num_steps is the only check: sigma_grid, discrete_timesteps and Sampler raise its
+    message, naming the key, the value and what is allowed."""
+    with pytest.raises(ValueError) as expected:
+        check_num_steps(num_steps)
+    message = str(expected.value)
+    assert message == ("sampler.num_steps must be an integer >= 1 (grid intervals), "
+                       f"got {num_steps!r}.")
+    for call in (lambda: sigma_grid(DiscreteVPSchedule(), num_steps, "leading"),
+                 lambda: sigma_grid(EDMSchedule(), num_steps, "karras"),
+                 lambda: discrete_timesteps(1000, num_steps, "trailing"),
+                 lambda: Sampler("euler", num_steps)):
+        with pytest.raises(ValueError) as raised:
+            call()
+        assert str(raised.value) == message
+
+
+def test_num_steps_accepts_integral_values():
+    assert check_num_steps(1) == 1 and check_num_steps(np.int64(20)) == 20
+    assert check_num_steps(10.0) == 10 and isinstance(check_num_steps(10.0), int)
+    sampler = Sampler("euler", 10.0)
+    assert sampler.num_steps == 10 and sampler.name == "euler_10"
+
+
+def test_too_many_steps_names_the_key():
+    with pytest.raises(ValueError, match=r"^sampler.num_steps=1001 exceeds the schedule's 1000"):
+        Sampler("euler", 1001, "trailing").sigmas(DiscreteVPSchedule())
+
+
+# ----------------------------------------------------------------------------- every grid decreases
+
+
+@pytest.mark.parametrize("spacing", DISCRETE_SPACINGS)
+def test_discrete_timesteps_have_num_steps_distinct_indices_for_every_count(spacing):
+    """1 <= num_steps <= N: exactly num_steps indices, strictly decreasing, inside [0, N - 1]."""
+    for num_steps in range(1, 1001):
+        timesteps = discrete_timesteps(1000, num_steps, spacing)
+        assert timesteps.shape == (num_steps,), num_steps
+        assert bool((timesteps[:-1] > timesteps[1:]).all()), num_steps
+        assert 0 <= float(timesteps.min()) and float(timesteps.max()) <= 999, num_steps
+
+
+def test_trailing_equals_diffusers_first_num_steps_timesteps():
+    overshoots = []
+    for num_steps in range(1, 1001):
+        ref = diffusers.DDIMScheduler(timestep_spacing="trailing")
+        ref.set_timesteps(num_steps)
+        ours = discrete_timesteps(1000, num_steps, "trailing")
+        assert ours.tolist() == ref.timesteps[:num_steps].tolist(), num_steps
+        if len(ref.timesteps) > num_steps:
+            overshoots.append(num_steps)
+            assert ref.timesteps[-1] == -1
+    assert len(overshoots) == 62 and {61, 769, 998} <= set(overshoots)  # what this guards
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+@pytest.mark.parametrize("num_steps", [61, 769])
+def test_trailing_grids_where_diffusers_overshoots_have_num_steps_plus_one_sigmas(name, num_steps):
+    sigmas = sigma_grid(DiscreteVPSchedule(**SCHEDULES[name]), num_steps, "trailing")
+    assert sigmas.shape == (num_steps + 1,) and sigmas[-1] == 0
+    assert bool((sigmas[:-1] > sigmas[1:]).all())

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffsweep.inference import CompiledSamplingNet, autocast_dtype
+from diffsweep.denoiser import Denoiser
+from diffsweep.generate import generate
+from diffsweep.inference import CompiledSamplingNet, autocast_dtype, cached_sampling_net
 from diffsweep.module import DiffusionModule
 from diffsweep.nets.unet import UNet
 from diffsweep.samplers import Sampler
@@ -29,7 +31,7 @@ def _net() -> UNet:
 
 
 def _module(**kwargs) -> DiffusionModule:
-    return DiffusionModule(_net(), DiscreteVPSchedule("linear"), torch.optim.AdamW,
+    return DiffusionModule(Denoiser(_net(), DiscreteVPSchedule("linear")), torch.optim.AdamW,
                            image_shape=(1, 8, 8), **kwargs)
 
 
@@ -39,8 +41,9 @@ def _inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _sample(module: DiffusionModule, **kwargs) -> torch.Tensor:
-    return module.sample(Sampler("ddim", num_steps=3), 6, generator=torch.Generator().manual_seed(0),
-                         **kwargs)
+    options = {**module.sampling_options(), **kwargs}
+    return generate(module.denoiser, Sampler("ddim", num_steps=3), 6, module.image_shape,
+                    generator=torch.Generator().manual_seed(0), **options)
 
 
 def test_unknown_sampling_precision_is_refused_by_name():
@@ -92,29 +95,27 @@ def test_compiled_net_keeps_its_copy_and_notices_changed_weights(single_thread):
 def test_compiled_sampling_follows_weight_changes_and_stays_out_of_checkpoints(single_thread):
     module = _module(compile_options=EAGER)
     assert torch.allclose(_sample(module, compile=True), _sample(module), atol=1e-5)
-    first = module._compiled_net
+    first = cached_sampling_net(module.net)
     with torch.no_grad():  # e.g. the EMA callback swapping other weights in
         module.net.conv_out.bias.add_(0.5)
     changed = _sample(module, compile=True)
-    assert module._compiled_net is first  # the same compile, new weights copied in
+    assert cached_sampling_net(module.net) is first  # the same compile, new weights copied in
     assert torch.allclose(changed, _sample(module), atol=1e-5)
     assert not any("compiled" in key or "snapshot" in key for key in module.state_dict())
 
 
 def test_frozen_sampling_recompiles_for_new_weights_and_shares_equal_ones(single_thread):
     module = _module(compile_options=EAGER)
-    module.sample_freeze_weights = True  # as evaluate.py does
-    _sample(module, compile=True)
-    first = module._compiled_net
+    _sample(module, compile=True, freeze_weights=True)  # as evaluate.py does
+    first = cached_sampling_net(module.net)
     assert first.freeze_weights
     twin = _module(compile_options=EAGER)  # e.g. the next job of a sweep over one checkpoint
-    twin.sample_freeze_weights = True
-    _sample(twin, compile=True)
-    assert twin._compiled_net is first
+    _sample(twin, compile=True, freeze_weights=True)
+    assert cached_sampling_net(twin.net) is first
     with torch.no_grad():
         module.net.conv_out.bias.add_(0.5)
-    changed = _sample(module, compile=True)
-    assert module._compiled_net is not first
+    changed = _sample(module, compile=True, freeze_weights=True)
+    assert cached_sampling_net(module.net) is not first
     assert torch.allclose(changed, _sample(module), atol=1e-5)
 
 
@@ -124,14 +125,14 @@ def test_frozen_sampling_recompiles_for_new_weights_and_shares_equal_ones(single
 def test_inductor_compiled_sampling_matches_eager_before_and_after_a_weight_change(single_thread):
     for freeze in (False, True):
         module = _module()
-        module.sample_freeze_weights = freeze
-        assert torch.allclose(_sample(module, compile=True), _sample(module), atol=1e-4)
+        compiled = {"compile": True, "freeze_weights": freeze}
+        assert torch.allclose(_sample(module, **compiled), _sample(module), atol=1e-4)
         with torch.no_grad():
             for param in module.net.parameters():
                 param.mul_(0.9)
         # frozen: inductor folded the old weights into its graph, only a new copy is right;
         # plain: the graph reads the copy's parameters, updated in place
-        assert torch.allclose(_sample(module, compile=True), _sample(module), atol=1e-4)
+        assert torch.allclose(_sample(module, **compiled), _sample(module), atol=1e-4)
 
 
 def test_evaluate_samples_at_the_configured_precision(train_config, tmp_path):
@@ -174,7 +175,7 @@ def test_training_callbacks_sample_with_the_compiled_copy(train_config, monkeypa
 
     monkeypatch.setattr(diffsweep.inference, "CompiledSamplingNet", CountedCompiledNet)
     cfg = train_config("module.sample_compile=true", "+module.compile_options.backend=eager",
-                       "metrics=fid_tiny", "metrics.fid.num_samples=8")
+                       "metrics=fid_tiny", "metrics.fid.evaluator.num_samples=8")
     metrics = train(cfg)
     # one compiled copy for the whole run: each validation's EMA weights are copied into it
     assert len(built) == 1 and not built[0].freeze_weights

@@ -5,6 +5,7 @@ from pathlib import Path
 import torch
 
 from diffsweep.checkpoints import load_module
+from diffsweep.generate import generate
 from diffsweep.train import run
 
 
@@ -27,7 +28,8 @@ def test_compiled_run_checkpoints_load_without_compile_and_resume_compiled(train
     assert not any("_orig_mod" in key for key in state["state_dict"])
     assert not any("_orig_mod" in key for key in state["current_model_state"])
     plain = load_module(checkpoint)  # an uncompiled model takes the compiled run's weights
-    sample = plain.sample(num_samples=2, generator=torch.Generator().manual_seed(0))
+    sample = generate(plain.denoiser, plain.sampler, 2, plain.image_shape,
+                      generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(sample).all()
     # ...and a compiled run resumes from it (EMA state included)
     resumed = train_config(*compiled, "trainer.max_steps=6", f"ckpt_path={checkpoint}")
@@ -58,6 +60,7 @@ class _TrainerWithScaler:
 
 
 def test_fused_adamw_under_a_grad_scaler_clips_true_gradients_and_steps_like_unfused():
+    from diffsweep.denoiser import Denoiser
     from diffsweep.module import DiffusionModule
     from diffsweep.nets.unet import UNet
     from diffsweep.schedules import DiscreteVPSchedule
@@ -66,14 +69,15 @@ def test_fused_adamw_under_a_grad_scaler_clips_true_gradients_and_steps_like_unf
         torch.manual_seed(0)
         net = UNet(in_channels=1, resolution=8, base_channels=8, channel_mults=(1, 2),
                    num_res_blocks=1, attention_resolutions=(), num_groups=2)
-        return DiffusionModule(net, DiscreteVPSchedule("linear"), torch.optim.AdamW,
+        return DiffusionModule(Denoiser(net, DiscreteVPSchedule("linear")), torch.optim.AdamW,
                                image_shape=(1, 8, 8), seed=0)
 
     x0 = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
 
     def loss(module: DiffusionModule) -> torch.Tensor:  # the same noise for both modules
-        return module.diffusion_loss(x0, generator=torch.Generator().manual_seed(2),
-                                     eps_generator=torch.Generator().manual_seed(3))
+        noise = module.training_noise(x0, torch.Generator().manual_seed(2),
+                                      torch.Generator().manual_seed(3))
+        return module.batch_loss(x0, None, noise)
 
     clip = 1e-3
     fused_module, reference = make(), make()

@@ -24,7 +24,7 @@ RESUME_RUN = [
     "trainer.max_steps=14", "trainer.val_check_interval=1000", "trainer.log_every_n_steps=1",
     "trainer.enable_model_summary=false", "data.batch_size=16", "model.base_channels=16",
     "callbacks.sample_grid.at_train_end=false", "callbacks.model_checkpoint.every_n_train_steps=2",
-    "~callbacks.progress_bar", "module.lr_warmup_steps=3", "logger.csv.flush_logs_every_n_steps=1",
+    "~callbacks.progress_bar", "lr_schedule.warmup_steps=3", "logger.csv.flush_logs_every_n_steps=1",
 ]
 
 
@@ -122,13 +122,13 @@ def test_run_directory_is_reused_only_for_an_unfinished_run_of_the_same_command(
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(train_config,
                                                                         monkeypatch):
-    real_loss = DiffusionModule.diffusion_loss
+    real_loss = DiffusionModule.batch_loss
 
     def diverging_loss(self, *args, **kwargs):
         loss = real_loss(self, *args, **kwargs)
         return loss * float("nan") if self.training and self.global_step >= 3 else loss
 
-    monkeypatch.setattr(DiffusionModule, "diffusion_loss", diverging_loss)
+    monkeypatch.setattr(DiffusionModule, "batch_loss", diverging_loss)
     cfg = train_config("trainer.max_steps=8", "callbacks.model_checkpoint.every_n_train_steps=2",
                        "callbacks.sample_grid.at_train_end=false")
     with pytest.raises(NonFiniteLossError, match=r"nan at step 3.*last good checkpoint") as error:

@@ -286,3 +286,126 @@ def test_zero_snr_euler_trailing_matches_diffusers():
     sigmas = Sampler("euler", 10, "trailing").sigmas(schedule)
     expected = _diffusers_loop(ref, net, x_T * math.sqrt(1 + float(sigmas[0]) ** 2))
     assert _max_diff(_ours("euler", schedule, sigmas, x_T, net), expected) < 5e-5
+
+
+# ----------------------------------------------------------------------------- x0 clipping
+#
+# ``clip_sample`` / dynamic ``thresholding`` (ddim, ddpm) against diffusers' DDIMScheduler and
+# DDPMScheduler with the same options. Two kinds of check:
+#
+# - diffusers' own full-loop tests (tests/schedulers/test_scheduler_{ddim,ddpm}.py,
+#   ``test_full_loop_no_noise``, both with ``clip_sample=True``) run ``SchedulerCommonTest``'s
+#   ``dummy_model`` (``eps = x t / (t + 1)``) from ``dummy_sample_deter`` and assert
+#   ``result_sum``/``result_mean``: DDIM (10 leading steps, eta 0) 172.0067 / 0.223967, DDPM (all
+#   1000 steps, noise from ``torch.manual_seed(0)``) 258.9606 / 0.3372. We reproduce both numbers
+#   and match the diffusers loop elementwise.
+# - FixedNet (order-1 outputs) with a tighter clip range, dynamic thresholding in its dynamic
+#   regime (s between 1 and sample_max_value), eta > 0 and ``use_clipped_model_output``.
+
+
+class DummyModel(nn.Module):
+    """diffusers' ``SchedulerCommonTest.dummy_model``: ``eps = x t / (t + 1)``."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1, *(1,) * (x.ndim - 1))
+        return x * t / (t + 1)
+
+
+def _dummy_sample_deter() -> torch.Tensor:
+    """diffusers' ``SchedulerCommonTest.dummy_sample_deter``: (4, 3, 8, 8) ramps in [0, 1)."""
+    num_elems = 4 * 3 * 8 * 8
+    return (torch.arange(num_elems).reshape(3, 8, 8, 4) / num_elems).permute(3, 0, 1, 2)
+
+
+def _diffusers_ddim_loop(scheduler, net: nn.Module, sample: torch.Tensor, **step_kwargs):
+    for t in scheduler.timesteps:
+        sample = scheduler.step(net(sample, t), t, sample, **step_kwargs).prev_sample
+    return sample
+
+
+def test_ddim_clip_sample_full_loop_reproduces_diffusers_reference():
+    ref = diffusers.DDIMScheduler(beta_schedule="linear", clip_sample=True)
+    ref.set_timesteps(10)
+    expected = _diffusers_ddim_loop(ref, DummyModel(), _dummy_sample_deter(), eta=0.0)
+    schedule = _schedule("linear")
+    sampler = Sampler("ddim", 10, "leading", clip_sample=True)
+    got = _ours("ddim", schedule, sampler.sigmas(schedule), _dummy_sample_deter(), DummyModel(),
+                **sampler.options)
+    assert abs(got.abs().sum().item() - 172.0067) < 1e-2
+    assert abs(got.abs().mean().item() - 0.223967) < 1e-3
+    assert _max_diff(got, expected) < ATOL
+    # Here |x0_hat| stays below 1, so the clip never binds: diffusers' number pins the DDIM path
+    # and the loop's set-up; test_x0_clipping_matches_diffusers has clips that bind.
+
+
+def test_ddpm_clip_sample_full_loop_reproduces_diffusers_reference():
+    """Tolerance 5e-5 (measured 2.8e-5; 1.2e-5 without clipping): 1000 steps of diffusers' float32
+    coefficients, and at t ~ 999 the net's float32 rounding enters x0_hat = (x_t - s eps) / a
+    amplified by 1 / a ~ 160 on either side."""
+    ref = diffusers.DDPMScheduler(beta_schedule="linear", clip_sample=True,
+                                  variance_type="fixed_small")
+    sample, generator = _dummy_sample_deter(), torch.Generator().manual_seed(0)
+    for t in reversed(range(1000)):
+        sample = ref.step(DummyModel()(sample, t), t, sample, generator=generator).prev_sample
+    schedule = _schedule("linear")
+    sampler = Sampler("ddpm", 1000, "leading", clip_sample=True)
+    got = _ours("ddpm", schedule, sampler.sigmas(schedule), _dummy_sample_deter(), DummyModel(),
+                generator=torch.Generator().manual_seed(0), **sampler.options)
+    assert abs(got.abs().sum().item() - 258.9606) < 1e-2
+    assert abs(got.abs().mean().item() - 0.3372) < 1e-3
+    assert _max_diff(got, sample) < 5e-5
+    unclipped = _ours("ddpm", schedule, sampler.sigmas(schedule), _dummy_sample_deter(),
+                      DummyModel(), generator=torch.Generator().manual_seed(0))
+    assert _max_diff(unclipped, got) > 0.1  # the clip binds in this loop
+
+
+THRESHOLD = dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.0)
+
+
+@pytest.mark.parametrize("method,options", [
+    ("ddim", dict(clip_sample=True, clip_sample_range=0.5)),
+    ("ddim", dict(clip_sample=True, clip_sample_range=0.5, use_clipped_model_output=True)),
+    ("ddim", dict(clip_sample=True, clip_sample_range=0.5, eta=0.5)),
+    ("ddim", dict(THRESHOLD)),
+    ("ddim", dict(THRESHOLD, eta=1.0)),
+    ("ddpm", dict(clip_sample=True, clip_sample_range=0.5)),
+    ("ddpm", dict(THRESHOLD)),
+], ids=lambda value: value if isinstance(value, str)
+    else "-".join(f"{k}={v}" for k, v in value.items()))
+def test_x0_clipping_matches_diffusers(method, options):
+    """Same options, same net, same x_T and (for eta > 0 and ddpm) the same generator stream:
+    diffusers DDIM draws its noise on every step, ours skips the step to sigma~ = 0, where
+    diffusers' std is 0, so the streams line up step by step."""
+    net, x_T = FixedNet(), 1.5 * _x_T(9)  # wide enough that |x0_hat| exceeds 1 early on
+    num_steps, seed = (25, 7) if method == "ddpm" else (20, 7)
+    scheduler_options = {k: v for k, v in options.items()
+                         if k not in ("eta", "use_clipped_model_output")}
+    scheduler_options.setdefault("clip_sample", False)
+    schedule = _schedule("linear")
+    sampler = Sampler(method, num_steps, "leading", **options)
+    sigmas = sampler.sigmas(schedule)
+    if method == "ddim":
+        ref = diffusers.DDIMScheduler(beta_schedule="linear", **scheduler_options)
+        ref.set_timesteps(num_steps)
+        expected = _diffusers_ddim_loop(
+            ref, net, x_T, eta=options.get("eta", 0.0),
+            generator=torch.Generator().manual_seed(seed),
+            use_clipped_model_output=options.get("use_clipped_model_output", False))
+    else:
+        ref = diffusers.DDPMScheduler(beta_schedule="linear", variance_type="fixed_small",
+                                      **scheduler_options)
+        ref.set_timesteps(num_steps)
+        expected = _diffusers_loop(ref, net, x_T, generator=torch.Generator().manual_seed(seed))
+
+    def ours(**overrides) -> torch.Tensor:
+        return _ours(method, schedule, sigmas, x_T, net,
+                     generator=torch.Generator().manual_seed(seed), **{**options, **overrides})
+
+    got = ours()
+    assert _max_diff(got, expected) < ATOL
+    # every option in play changes the result (a test that ignored it could not fail otherwise)
+    assert _max_diff(ours(clip_sample=False, thresholding=False), got) > 1e-2
+    if options.get("use_clipped_model_output"):
+        assert _max_diff(ours(use_clipped_model_output=False), got) > 1e-3
+    if options.get("thresholding"):  # s > 1 somewhere: not plain clipping to [-1, 1]
+        assert _max_diff(ours(thresholding=False, clip_sample=True), got) > 1e-3

@@ -1,4 +1,5 @@
-"""Noise schedules: diffusers' tables bit for bit, DESIGN.md's formulas, round trips, training t."""
+"""Noise schedules: diffusers' tables bit for bit, DESIGN.md's formulas, round trips, training t,
+readable reprs. (Flow matching's own formulas and diffusers conformance: tests/test_flow.py.)"""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import math
 import pytest
 import torch
 
+import diffsweep.schedules
 from diffsweep.schedules import (ContinuousVPSchedule, DiscreteVPSchedule, EDMSchedule,
-                                 VESchedule, discrete_betas)
+                                 FlowMatchingSchedule, VESchedule, discrete_betas)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -19,7 +21,10 @@ DISCRETE = {
 }
 ALL_SCHEDULES = [DiscreteVPSchedule(**kw) for kw in DISCRETE.values()] + [
     DiscreteVPSchedule(rescale_betas_zero_snr=True), ContinuousVPSchedule(), VESchedule(),
-    EDMSchedule()]
+    EDMSchedule(), FlowMatchingSchedule(),
+    FlowMatchingSchedule(shift=3.0, density="logit_normal", logit_mean=0.5, logit_std=0.8),
+    FlowMatchingSchedule(density="mode", mode_scale=1.29),
+    FlowMatchingSchedule(use_dynamic_shifting=True, image_seq_len=1024, density="cosmap")]
 
 
 @pytest.mark.parametrize("name", sorted(DISCRETE))
@@ -46,8 +51,16 @@ def test_sigma_tilde_round_trip(schedule):
     sigma = schedule.sigma_tilde(t)
     assert sigma.dtype == torch.float64
     torch.testing.assert_close(schedule.t_of_sigma(sigma), t, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(schedule.sigma_tilde(schedule.t_of_sigma(sigma)), sigma,
-                               rtol=1e-9, atol=0)
+    back = schedule.sigma_tilde(schedule.t_of_sigma(sigma))
+    if isinstance(schedule, FlowMatchingSchedule):
+        # sigma~ = k t / (1 - t) up to t_max = 1 - 1e-9: t holds 1 - t to 1.1e-16 absolute, so the
+        # round trip is exact to 1e-9 relative plus that conditioning, 2.2e-16 sigma~ / k.
+        bound = 1e-9 * sigma + 2.2e-16 * sigma**2 / schedule.shift
+        assert ((back - sigma).abs() <= bound).all()
+        small = sigma < 1e6
+        torch.testing.assert_close(back[small], sigma[small], rtol=1e-9, atol=0)
+    else:
+        torch.testing.assert_close(back, sigma, rtol=1e-9, atol=0)
 
 
 def test_discrete_table_entries_map_to_integer_indices_exactly():
@@ -58,7 +71,7 @@ def test_discrete_table_entries_map_to_integer_indices_exactly():
 
 
 @pytest.mark.parametrize("schedule", [s for s in ALL_SCHEDULES if not isinstance(
-    s, (VESchedule, EDMSchedule))], ids=lambda s: type(s).__name__)
+    s, (VESchedule, EDMSchedule, FlowMatchingSchedule))], ids=lambda s: type(s).__name__)
 def test_vp_alpha_squared_plus_sigma_squared_is_one(schedule):
     t = torch.linspace(schedule.t_min, schedule.t_max, 101, dtype=torch.float64)
     torch.testing.assert_close(schedule.alpha(t) ** 2 + schedule.sigma(t) ** 2,
@@ -146,3 +159,34 @@ def test_bad_continuous_arguments():
         EDMSchedule(sigma_min=0.0)
     with pytest.raises(ValueError, match="eps_t"):
         ContinuousVPSchedule(eps_t=0.0)
+
+
+@pytest.mark.parametrize("schedule", ALL_SCHEDULES, ids=lambda s: type(s).__name__)
+def test_repr_is_readable_and_rebuilds_the_schedule(schedule):
+    text = repr(schedule)
+    assert text.startswith(type(schedule).__name__ + "(") and " object at 0x" not in text
+    rebuilt = eval(text, vars(diffsweep.schedules))  # noqa: S307 - our own repr
+    assert type(rebuilt) is type(schedule) and repr(rebuilt) == text
+    t = torch.linspace(schedule.t_min, schedule.t_max, 11, dtype=torch.float64)
+    assert torch.equal(rebuilt.sigma_tilde(t), schedule.sigma_tilde(t))
+    assert torch.equal(rebuilt.c_noise(t), schedule.c_noise(t))
+    assert rebuilt.sigma_data == schedule.sigma_data
+    assert torch.equal(rebuilt.sample_t(64, generator=torch.Generator().manual_seed(0)),
+                       schedule.sample_t(64, generator=torch.Generator().manual_seed(0)))
+
+
+def test_reprs_name_the_arguments_that_differ():
+    assert repr(VESchedule(sigma_max=80.0)) == (
+        "VESchedule(sigma_min=0.01, sigma_max=80.0, eps_t=1e-05, sigma_data=0.5)")
+    assert "beta_start=0.00085" in repr(DiscreteVPSchedule("scaled_linear", beta_start=0.00085,
+                                                           beta_end=0.012))
+    assert "shift=3.0" in repr(FlowMatchingSchedule(shift=3.0))
+    assert "image_seq_len=4096" in repr(FlowMatchingSchedule(use_dynamic_shifting=True,
+                                                             image_seq_len=4096))
+
+
+@pytest.mark.parametrize("schedule", ALL_SCHEDULES, ids=lambda s: type(s).__name__)
+def test_log_snr_is_minus_two_log_sigma_tilde(schedule):
+    t = torch.linspace(schedule.t_min, schedule.t_max, 7, dtype=torch.float64)
+    expected = (schedule.alpha(t) ** 2 / schedule.sigma(t) ** 2).log()
+    torch.testing.assert_close(schedule.log_snr(t), expected, rtol=1e-9, atol=1e-9)

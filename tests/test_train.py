@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from diffsweep.checkpoints import CheckpointMismatchError, load_module
+from diffsweep.generate import generate
 from diffsweep.train import run
 from tests.conftest import FAST, run_entry_point
 
@@ -16,6 +17,11 @@ from tests.conftest import FAST, run_entry_point
 def _losses(run_dir: Path) -> list[float]:
     with open(run_dir / "csv" / "metrics.csv") as handle:
         return [float(row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")]
+
+
+def _sample(module, num_samples: int, seed: int, **kwargs) -> torch.Tensor:
+    return generate(module.denoiser, module.sampler, num_samples, module.image_shape,
+                    generator=torch.Generator().manual_seed(seed), **kwargs)
 
 
 def test_entry_point_smoke_run_writes_grid_checkpoint_and_config(tmp_path):
@@ -60,9 +66,8 @@ def test_checkpoint_reloads_and_samples_identically(train_config):
     run_dir = Path(cfg.paths.output_dir)
     first = load_module(run_dir / "checkpoints" / "last.ckpt")
     again = load_module(run_dir / "checkpoints" / "last.ckpt")
-    samples = first.sample(num_samples=4, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(samples, again.sample(num_samples=4,
-                                             generator=torch.Generator().manual_seed(3)))
+    samples = _sample(first, 4, 3)
+    assert torch.equal(samples, _sample(again, 4, 3))
     # EMA and raw weights are both stored, and differ after training.
     raw = load_module(run_dir / "checkpoints" / "last.ckpt", weights="raw")
     assert any(not torch.equal(a, b) for a, b in zip(first.parameters(), raw.parameters()))
@@ -97,10 +102,8 @@ def test_class_conditional_training_and_guided_sampling(train_config):
     run(cfg)
     module = load_module(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
     labels = torch.arange(4)
-    plain = module.sample(num_samples=4, generator=torch.Generator().manual_seed(0),
-                          class_labels=labels)
-    guided = module.sample(num_samples=4, generator=torch.Generator().manual_seed(0),
-                           class_labels=labels, guidance_scale=3.0)
+    plain = _sample(module, 4, 0, class_labels=labels)
+    guided = _sample(module, 4, 0, class_labels=labels, guidance_scale=3.0)
     assert plain.shape == guided.shape == (4, 1, 16, 16)
     assert torch.isfinite(guided).all() and not torch.equal(plain, guided)
 

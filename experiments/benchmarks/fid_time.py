@@ -21,8 +21,12 @@ import time
 
 import torch
 
-from diffsweep.metrics import features as feat
-from diffsweep.metrics.fid import FrechetDistance, GaussianStats, extract_features
+from diffsweep.metrics.extractors.base import extract_features
+from diffsweep.metrics.extractors.classifier import load_or_train_classifier
+from diffsweep.metrics.extractors.inception import InceptionFeatureExtractor, InceptionWeightsError
+from diffsweep.metrics.extractors.tiny import TinyFeatureExtractor
+from diffsweep.metrics.frechet import GaussianStats
+from diffsweep.metrics.metric import FrechetDistance
 
 
 class DigitsDM:
@@ -48,8 +52,8 @@ class DigitsDM:
         sl = slice(0, n) if split == "train" else slice(n, None)
         return self._ds(self.x[sl], self.y[sl])
 
-    def real_images(self, split, max_count=None):
-        yield self.x
+    def real_images(self, split, max_count=None, batch_size=None, rank=0, world_size=1):
+        yield self.x[:max_count][rank::world_size]
 
 
 def time_one(name: str, extractor: torch.nn.Module, n: int, batch_size: int, measure_n: int,
@@ -91,17 +95,17 @@ def main() -> int:
         note = ""
         t0 = time.perf_counter()
         if name == "tiny":
-            ex = feat.TinyFeatureExtractor()
+            ex = TinyFeatureExtractor()
         elif name == "classifier":
             dm = DigitsDM()
-            ex = feat.load_or_train_classifier(dm, cache)
+            ex = load_or_train_classifier(dm, cache)
             note = f"trained once in {time.perf_counter() - t0:.1f}s (acc {ex.accuracy:.3f}), cached"
         elif name == "inception":
             try:
-                ex = feat.InceptionFeatureExtractor(download=False)
+                ex = InceptionFeatureExtractor(download=False)
                 note = "real weights"
-            except feat.InceptionWeightsError:
-                ex = feat.InceptionFeatureExtractor(random_weights=True)
+            except InceptionWeightsError:
+                ex = InceptionFeatureExtractor(random_weights=True)
                 note = "random weights (no weights file here); same speed"
         else:
             raise SystemExit(f"unknown extractor {name}")

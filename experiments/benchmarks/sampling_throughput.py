@@ -3,7 +3,7 @@
 At equal NFE and batch, for each config of ``train_throughput.py`` (our UNet from
 ``configs/model/*.yaml``; diffusers' ``UNet2DModel`` built to the same layout, so equal FLOPs):
 
-- ``ours``: ``DiffusionModule.sample(Sampler(method, num_steps))`` (float64 state, the real path
+- ``ours``: ``generate(module.denoiser, Sampler(method, num_steps), ...)`` (float64 state, the real path
   used by the sample-grid and FID callbacks);
 - ``ours compiled``: the same with ``compile=True``: a compiled copy of the net, with its weights
   frozen into the graph as ``evaluate.py compile=true`` does (``--compile-mode frozen``), or read
@@ -61,6 +61,7 @@ def diffusers_pipeline(method: str, unet):
 
 def main() -> None:
     from diffsweep.denoiser import Denoiser
+    from diffsweep.generate import generate
     from diffsweep.samplers import Sampler
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -87,7 +88,7 @@ def main() -> None:
     for name in args.configs.split(","):
         _, c, r = CONFIGS[name]
         module = make_module(name).eval()
-        module.sample_freeze_weights = args.compile_mode == "frozen"
+        freeze = args.compile_mode == "frozen"
         theirs = diffusers_unet(name).eval()
         compiled_theirs = torch.compile(theirs)  # one compiled module per config
         their_denoiser = Denoiser(DiffusersAdapter(theirs), module.schedule)
@@ -100,8 +101,8 @@ def main() -> None:
                 assert sampler.nfe == args.nfe, "use a one-NFE-per-step sampler"
                 pipe = diffusers_pipeline(method, theirs)
                 cases = {
-                    "ours": lambda: module.sample(sampler, args.batch,
-                                                  generator=torch.Generator().manual_seed(0)),
+                    "ours": lambda: generate(module.denoiser, sampler, args.batch, (c, r, r),
+                                             generator=torch.Generator().manual_seed(0)),
                     "ours@diffusers-net": lambda: sampler(
                         their_denoiser, module.schedule, (args.batch, c, r, r),
                         generator=torch.Generator().manual_seed(0)),
@@ -112,9 +113,10 @@ def main() -> None:
                     "fwd diffusers": lambda: theirs(x, t),
                 }
                 if not args.no_compile:
-                    cases["ours compiled"] = lambda: module.sample(
-                        sampler, args.batch, generator=torch.Generator().manual_seed(0),
-                        compile=True)
+                    cases["ours compiled"] = lambda: generate(
+                        module.denoiser, sampler, args.batch, (c, r, r),
+                        generator=torch.Generator().manual_seed(0), compile=True,
+                        freeze_weights=freeze)
                 if not args.no_compile and args.compile_diffusers:
                     compiled_pipe = diffusers_pipeline(method, compiled_theirs)
                     cases["diffusers compiled"] = lambda: compiled_pipe(

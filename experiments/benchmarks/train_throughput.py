@@ -9,7 +9,7 @@ DataLoader, as ``configs/data/*.yaml`` use with ``num_workers: 0``), all in one 
   ``LearningRateMonitor`` and a ``CSVLogger``. Timed between ``on_train_batch_start`` of step
   ``warmup`` and of step ``warmup + steps`` (start-up, the first steps and teardown excluded).
   No progress bar, checkpoint or sample-grid callbacks (they do not act in these steps).
-- ``bare``: the same math without Lightning: ``module.diffusion_loss`` on the same UNet,
+- ``bare``: the same math without Lightning: ``module.batch_loss`` on the same UNet,
   backward, ``clip_grad_norm_``, the module's own ``configure_optimizers`` (AdamW + warmup),
   one ``torch._foreach_lerp_`` EMA update.
 - ``diffusers``: ``UNet2DModel`` (built to match our UNet's conv/attention layout, so its FLOPs
@@ -150,18 +150,23 @@ def optimizer_factory() -> Callable[..., torch.optim.Optimizer]:
     """``module.optimizer`` of configs/train.yaml (AdamW partial), with OPTIMIZER_OVERRIDES."""
     from hydra.utils import instantiate
 
-    cfg = OmegaConf.load(ROOT / "configs/train.yaml").module.optimizer
+    cfg = OmegaConf.load(ROOT / "configs/module/default.yaml").optimizer
     cfg = OmegaConf.merge(cfg, OPTIMIZER_OVERRIDES)
     return instantiate(cfg)
 
 
 def make_module(name: str, **module_kwargs: Any):
+    import functools
+
+    from diffsweep.denoiser import Denoiser
+    from diffsweep.lr_schedules import constant
     from diffsweep.module import DiffusionModule
     from diffsweep.schedules import DiscreteVPSchedule
 
     _, channels, res = CONFIGS[name]
-    return DiffusionModule(our_unet(name), DiscreteVPSchedule("linear"), optimizer_factory(),
-                           image_shape=(channels, res, res), lr_warmup_steps=WARMUP_STEPS,
+    return DiffusionModule(Denoiser(our_unet(name), DiscreteVPSchedule("linear")),
+                           optimizer_factory(), image_shape=(channels, res, res),
+                           lr_schedule=functools.partial(constant, warmup_steps=WARMUP_STEPS),
                            **module_kwargs)
 
 
@@ -236,7 +241,7 @@ def time_bare(name: str, batch: int, steps: int, warmup: int,
             start = clocks()
         x0, labels = next(data)
         with _autocast(precision):
-            loss = module.diffusion_loss(x0, labels)
+            loss = module.batch_loss(x0, labels, module.training_noise(x0, None))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, CLIP)
         optimizer.step()
@@ -331,7 +336,7 @@ def main() -> None:
     loops = args.loops.split(",")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
-    adamw = OmegaConf.to_container(OmegaConf.load(ROOT / "configs/train.yaml").module.optimizer)
+    adamw = OmegaConf.to_container(OmegaConf.load(ROOT / "configs/module/default.yaml").optimizer)
     adamw = {k: v for k, v in {**adamw, **OPTIMIZER_OVERRIDES}.items() if not k.startswith("_")}
     print(f"Machine: {machine_string()}; batch {args.batch}; {args.steps} timed steps x "
           f"{args.rounds} rounds; our AdamW {adamw}; {load_string()} at start\n")

@@ -290,25 +290,19 @@ def rms_error(samples: Tensor, reference: Tensor) -> float:
     return float(diff.pow(2).sum(1).mean().sqrt())
 
 
-def _sqrtm_psd(matrix: Tensor) -> Tensor:
-    eigvals, eigvecs = torch.linalg.eigh(matrix)
-    return (eigvecs * eigvals.clamp_min(0).sqrt()) @ eigvecs.T
-
-
 def gaussian_frechet_distance(samples: Tensor, mean: Tensor, covariance: Tensor) -> float:
     """Fréchet distance between ``N(sample mean, sample cov)`` and ``N(mean, covariance)``.
 
-    ``|m1 - m2|^2 + tr(C1 + C2 - 2 (C2^1/2 C1 C2^1/2)^1/2)`` (the FID formula, on raw coordinates).
-    ``samples`` (n, d); ``mean`` (d,), ``covariance`` (d, d), e.g. a mixture's exact
-    :meth:`GaussianMixture.mean` / :meth:`GaussianMixture.covariance`. Sees only two moments.
+    ``|m1 - m2|^2 + tr(C1 + C2 - 2 (C2^1/2 C1 C2^1/2)^1/2)`` (the FID formula, on raw coordinates,
+    computed by :func:`diffsweep.metrics.frechet.frechet_distance`). ``samples`` (n, d); ``mean``
+    (d,), ``covariance`` (d, d), e.g. a mixture's exact :meth:`GaussianMixture.mean` /
+    :meth:`GaussianMixture.covariance`. Sees only two moments.
     """
+    from diffsweep.metrics.frechet import frechet_distance
+
     flat = samples.reshape(samples.shape[0], -1).double()
-    sample_mean = flat.mean(0)
     sample_cov = torch.cov(flat.T).reshape(flat.shape[1], flat.shape[1])
-    root = _sqrtm_psd(covariance)
-    cross = _sqrtm_psd(root @ sample_cov @ root)
-    value = (sample_mean - mean).pow(2).sum() + torch.trace(sample_cov + covariance - 2 * cross)
-    return float(value)
+    return float(frechet_distance(mean, covariance, flat.mean(0), sample_cov))
 
 
 def mmd_to_mixture(samples: Tensor, mixture: GaussianMixture, bandwidth: float) -> float:

@@ -1,30 +1,35 @@
-"""Loading trained models from Lightning checkpoints written by ``train.py``.
+"""Reading and writing training checkpoints.
 
 A checkpoint holds the EMA weights as ``state_dict`` and the raw weights as
-``current_model_state`` (Lightning's WeightAveraging format), plus ``diffsweep_config``: the composed
-run config, so a model is rebuilt without the original command line.
+``current_model_state`` (Lightning's WeightAveraging format), plus ``diffsweep_config``: the
+resolved run config, so a model is rebuilt without the original command line
+(:func:`diffsweep.assembly.build_module`). Reading never executes code: ``torch.load`` with
+``weights_only=True`` (tensors, containers and primitives only), for our own reads and for
+Lightning's resume alike (:class:`AtomicCheckpointIO`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import pickle
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-from hydra.utils import instantiate
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from diffsweep.files import atomic_torch_save
 from diffsweep.hydra_utils import run_config_dict
-from diffsweep.module import DiffusionModule
+
+if TYPE_CHECKING:
+    from diffsweep.module import DiffusionModule
 
 log = logging.getLogger(__name__)
 
 COMPILE_PREFIX = "_orig_mod."
-#: Config groups that define the weights' meaning: a checkpoint must agree with them to load.
-ARCHITECTURE_KEYS = ("model", "scheduler", "module.prediction_type")
+#: Config keys that define the weights' meaning: a checkpoint must agree with them to load.
+ARCHITECTURE_KEYS = ("model", "scheduler", "module.denoiser.prediction_type")
 
 
 class CheckpointMismatchError(ValueError):
@@ -37,11 +42,29 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {path} does not exist; pass ckpt_path=<run dir>/"
                                 f"checkpoints/last.ckpt of a train.py run.")
+    return load_weights_only(path)
+
+
+def load_weights_only(path: str | Path,
+                      map_location: str | torch.device | Callable[..., Any] = "cpu") -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)``: a file whose unpickling would run code (a pickled
+    ``nn.Module``, any class outside torch's safe list) is refused with a ValueError naming it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        except RuntimeError as error:  # not a zip archive (legacy or plain pickle): no mmap
+            if "mmap" not in str(error):
+                raise
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise ValueError(f"Checkpoint {path} could not be read ({error}); it may be truncated "
-                         f"or not a diffsweep/Lightning checkpoint.") from error
+        unsafe = isinstance(error, pickle.UnpicklingError) and \
+            "weights_only" in str(error)
+        reason = ("it holds Python objects other than tensors and plain containers (a pickled "
+                  "nn.Module or class), and loading it would execute code; diffsweep only reads "
+                  "weights-only checkpoints (save state dicts, not modules)"
+                  if unsafe else f"{type(error).__name__}: {str(error).splitlines()[0]}; it may "
+                  f"be truncated or not a diffsweep/Lightning checkpoint")
+        raise ValueError(f"Checkpoint {path} could not be read: {reason}.") from error
 
 
 def strip_compile_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -56,6 +79,9 @@ def _select(cfg: dict[str, Any], dotted: str) -> Any:
 def check_compatible(checkpoint_cfg: dict[str, Any], cfg: DictConfig | dict[str, Any],
                      keys: tuple[str, ...] = ARCHITECTURE_KEYS) -> None:
     """Raise CheckpointMismatchError naming every differing architecture key."""
+    from diffsweep.assembly import upgrade_run_config
+
+    checkpoint_cfg = upgrade_run_config(checkpoint_cfg)
     requested = run_config_dict(cfg) if isinstance(cfg, DictConfig) else cfg
     differences = []
     for key in keys:
@@ -71,44 +97,34 @@ def check_compatible(checkpoint_cfg: dict[str, Any], cfg: DictConfig | dict[str,
 
 
 def load_module(path: str | Path, weights: str = "ema",
-                map_location: str | torch.device = "cpu") -> DiffusionModule:
+                map_location: str | torch.device = "cpu") -> "DiffusionModule":
     """Rebuild the DiffusionModule of a checkpoint and load ``weights`` (``ema`` or ``raw``)."""
     return module_from_checkpoint(read_checkpoint(path), weights, source=str(path)).to(
         map_location).eval()
 
 
 def module_from_checkpoint(checkpoint: dict[str, Any], weights: str = "ema",
-                           source: str = "the checkpoint") -> DiffusionModule:
+                           source: str = "the checkpoint") -> "DiffusionModule":
     """The DiffusionModule of an already loaded checkpoint dict, with ``weights`` loaded."""
+    from diffsweep.assembly import build_module
+
     cfg = checkpoint.get("diffsweep_config")
     if cfg is None:
         raise ValueError(f"{source} has no diffsweep_config; it was not written by "
                          f"diffsweep's train.py.")
     if weights not in ("ema", "raw"):
-        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}.")
+        raise ValueError(f"weights={weights!r} is not allowed; choose ema or raw.")
     state_key = "state_dict"
     if weights == "raw" and "current_model_state" in checkpoint:
         state_key = "current_model_state"
-    module = build_module_from_config(cfg)
+    module = build_module(cfg)
     module.load_state_dict(strip_compile_prefix(checkpoint[state_key]))
     return module.eval()
 
 
-def build_module_from_config(cfg: dict[str, Any]) -> DiffusionModule:
-    """A freshly initialised DiffusionModule for a stored (resolved) run config."""
-    conf = OmegaConf.create(cfg)
-    net = instantiate(conf.model)
-    schedule = instantiate(conf.scheduler)
-    sampler = instantiate(conf.sampler)
-    shape = tuple(cfg.get("image_shape") or (conf.data.channels, conf.data.resolution,
-                                             conf.data.resolution))
-    module_factory = instantiate(conf.module, _partial_=True)
-    return module_factory(net=net, schedule=schedule, sampler=sampler, image_shape=shape,
-                          config=cfg)
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write checkpoints to a temp file beside the target, fsync, then ``os.replace``.
+    """Checkpoints written atomically (:func:`diffsweep.files.atomic_writer`: temp file beside the
+    target, fsync, ``os.replace``, fsync of the folder) and read weights-only.
 
     A process killed at any point leaves the previous checkpoint intact (Lightning's own save goes
     through fsspec's local transaction: a temp file in /tmp that is *copied* into place when /tmp
@@ -117,49 +133,37 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path,
                         storage_options: Any | None = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        try:
-            with open(partial, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
-        _fsync_directory(path.parent)
+        atomic_torch_save(checkpoint, path)
 
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
+    def load_checkpoint(self, path: str | Path,
+                        map_location: Callable[..., Any] | None = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        return load_weights_only(path, map_location=map_location)
 
 
 def find_resume_checkpoint(directory: str | Path) -> Path | None:
-    """The newest readable checkpoint in ``directory`` (``last.ckpt`` first), or None.
+    """The readable training checkpoint in ``directory`` with the highest global step, or None.
 
-    An unreadable file (say, truncated by a full disk) is skipped with a warning, never deleted.
+    Ties go to ``last.ckpt``, then to the newer file. An unreadable file (say, truncated by a
+    full disk) is skipped with a warning, never deleted; weights-only exports (no ``loops``) are
+    not resume points.
     """
     directory = Path(directory)
     if not directory.is_dir():
         return None
-    candidates = sorted(directory.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt",
-                                                                 -p.stat().st_mtime))
-    for candidate in candidates:
+    best: tuple[tuple[int, bool, float], Path] | None = None
+    for candidate in directory.glob("*.ckpt"):
         try:
-            checkpoint = torch.load(candidate, map_location="cpu", weights_only=False, mmap=True)
-        except Exception as error:  # noqa: BLE001 - any failure means: not resumable
+            checkpoint = load_weights_only(candidate)
+        except ValueError as error:  # unreadable: not resumable
             log.warning("Skipping unreadable checkpoint %s (%s).", candidate, error)
             continue
-        if "loops" in checkpoint:  # a full training checkpoint, not a weights-only export
-            return candidate
-    return None
+        if "loops" not in checkpoint:
+            continue
+        rank = (int(checkpoint.get("global_step", 0)), candidate.name == "last.ckpt",
+                candidate.stat().st_mtime)
+        if best is None or rank > best[0]:
+            best = (rank, candidate)
+    return best[1] if best else None

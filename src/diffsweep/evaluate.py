@@ -10,11 +10,13 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from diffsweep.assembly import build_datamodule
 from diffsweep.callbacks.samples import save_grid
-from diffsweep.grids import resolve_spacing
 from diffsweep.checkpoints import module_from_checkpoint, read_checkpoint
+from diffsweep.generate import generate
+from diffsweep.grids import resolve_spacing
 from diffsweep.inference import autocast_dtype
 from diffsweep.hydra_utils import instantiate_dict, print_config_tree, run_config_dict
 from diffsweep.results import append_row
@@ -45,18 +47,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = read_checkpoint(cfg.ckpt_path)
     train_cfg = checkpoint.get("diffsweep_config") or {}
     module = module_from_checkpoint(checkpoint, cfg.weights, source=str(cfg.ckpt_path)).to(device)
-    module.sample_precision = precision  # grid and FID sampling alike
-    module.sample_compile = bool(cfg.compile)
-    module.sample_freeze_weights = True  # one checkpoint: its weights can be compiled in
+    denoiser = module.denoiser
+    # grid and FID sampling alike; one checkpoint: its weights can be compiled in
+    sampling = {"precision": precision, "compile": bool(cfg.compile), "freeze_weights": True,
+                "compile_options": module.compile_options}
     sampler = instantiate(cfg.sampler)
-    datamodule = instantiate(OmegaConf.create(train_cfg["data"]))
+    datamodule = build_datamodule(train_cfg)
     datamodule.prepare_data()
     datamodule.setup("validate")
 
     generator = torch.Generator().manual_seed(cfg.seed)
     started = time.perf_counter()
-    samples = module.sample(sampler, cfg.grid_samples, generator=generator,
-                            batch_size=cfg.batch_size)
+    samples = generate(denoiser, sampler, cfg.grid_samples, module.image_shape,
+                       generator=generator, batch_size=cfg.batch_size, **sampling)
     grid_seconds = time.perf_counter() - started
     images = datamodule.decode(samples).clamp(-1, 1)
     grid_path = save_grid(images, output_dir / f"samples_{sampler.name}.png")
@@ -64,20 +67,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     row: dict[str, Any] = {
         "ckpt_path": str(cfg.ckpt_path), "step": checkpoint.get("global_step", ""),
         **_train_choices(train_cfg), "sampler": sampler.method_name,
-        "num_steps": sampler.num_steps, "spacing": resolve_spacing(module.schedule, sampler.spacing), "nfe": sampler.nfe,
+        "num_steps": sampler.num_steps, "spacing": resolve_spacing(denoiser.schedule, sampler.spacing), "nfe": sampler.nfe,
         "options": ";".join(f"{k}={v}" for k, v in sampler.options.items()),
-        "seed": cfg.seed, "precision": module.sample_precision,
-        "compile": module.sample_compile, "grid": str(grid_path),
+        "seed": cfg.seed, "precision": precision,
+        "compile": sampling["compile"], "grid": str(grid_path),
         "samples_per_s": round(cfg.grid_samples / grid_seconds, 3),
     }
-    fid_callbacks = instantiate_dict(cfg.get("metrics"), "metrics", pairs=[sampler])
-    for fid in fid_callbacks:
-        fid.seed = cfg.seed
+    fid_config = (cfg.get("metrics") or {}).get("fid")
+    if fid_config is not None:
+        evaluator = instantiate(fid_config.evaluator, seed=cfg.seed)
         started = time.perf_counter()
-        results = fid.evaluate(module, datamodule)
+        results = evaluator.evaluate(denoiser, [sampler], datamodule,
+                                     image_shape=module.image_shape, **sampling)
         row.update({"fid": results[f"fid/{sampler.name}"],
-                    "fid_extractor": getattr(fid.extractor, "name", ""),
-                    "fid_samples": fid.num_samples,
+                    "fid_extractor": evaluator.extractor.name,
+                    "fid_samples": evaluator.num_samples,
                     "fid_seconds": round(time.perf_counter() - started, 2)})
     row["wall_time_s"] = round(time.perf_counter() - job_started, 2)
     results_file = Path(cfg.results_file).resolve()

@@ -11,9 +11,16 @@ sigma~ with the schedule's table (linear interpolation in sigma~ between entries
 
 ``karras`` (rho = 7), ``uniform_t`` and ``log_snr`` work for any schedule. ``auto`` resolves to
 ``leading`` for discrete schedules and ``karras`` for continuous ones (:func:`resolve_spacing`).
+
+Every grid built here is strictly decreasing for ``1 <= num_steps <= N`` (N training indices); a
+grid a caller builds by hand must be non-increasing (:func:`check_sigma_grid`), and a repeated value
+is a zero-length step, which every sampler skips (see :mod:`diffsweep.samplers`).
 """
 
 from __future__ import annotations
+
+import math
+from numbers import Integral, Real
 
 import numpy as np
 import torch
@@ -32,10 +39,51 @@ def check_spacing(spacing: str) -> None:
         raise ValueError(f"Unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}.")
 
 
+def check_num_steps(num_steps: int) -> int:
+    """``num_steps`` as an int, or a ValueError naming ``sampler.num_steps`` (integer >= 1).
+
+    The one check of the step count: :class:`diffsweep.samplers.Sampler`, :func:`sigma_grid` and
+    :func:`discrete_timesteps` all call it. Integral floats (``10.0``) are accepted; bools are not.
+    """
+    integral = (isinstance(num_steps, Integral)
+                or (isinstance(num_steps, Real) and float(num_steps).is_integer()))
+    if isinstance(num_steps, bool) or not integral or num_steps < 1:
+        raise ValueError(f"sampler.num_steps must be an integer >= 1 (grid intervals), "
+                         f"got {num_steps!r}.")
+    return int(num_steps)
+
+
+def check_sigma_grid(sigmas: Tensor) -> None:
+    """Raise a ValueError unless ``sigmas`` is a 1-D, finite, non-negative, non-increasing grid.
+
+    Repeated values are allowed (zero-length steps, which the samplers skip); an increase, a
+    negative or a non-finite value, or another shape is an error naming the offending entries.
+    """
+    if not isinstance(sigmas, Tensor) or sigmas.ndim != 1 or len(sigmas) < 1:
+        shape = tuple(sigmas.shape) if isinstance(sigmas, Tensor) else type(sigmas).__name__
+        raise ValueError(f"A sigma grid must be a 1-D tensor of at least one value "
+                         f"(decreasing, ending at 0), got {shape}.")
+    values = sigmas.tolist()
+    for i, value in enumerate(values):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"Sigma grids hold finite values >= 0; sigmas[{i}] = {value}. "
+                             f"Build grids with diffsweep.grids.sigma_grid or end them at 0.")
+    for i, (value, next_value) in enumerate(zip(values[:-1], values[1:])):
+        if next_value > value:
+            raise ValueError(f"A sigma grid must be non-increasing (samplers integrate from "
+                             f"sigmas[0] down to 0), but sigmas[{i}] = {value} < "
+                             f"sigmas[{i + 1}] = {next_value}; sort it in decreasing order.")
+
+
 def resolve_spacing(schedule: NoiseSchedule, spacing: str) -> str:
-    """``auto`` -> ``leading`` for a discrete schedule, ``karras`` for a continuous one."""
+    """``auto`` -> the schedule's own ``auto_spacing`` if it names one (flow matching:
+    ``uniform_t``, diffusers' FlowMatchEuler grid), else ``leading`` for a discrete schedule and
+    ``karras`` for a continuous one."""
     check_spacing(spacing)
     if spacing == "auto":
+        own = getattr(schedule, "auto_spacing", None)
+        if own is not None:
+            return own
         return "leading" if schedule.discrete else "karras"
     return spacing
 
@@ -47,21 +95,24 @@ def discrete_timesteps(num_train_timesteps: int, num_steps: int, spacing: str,
     ``leading``: ``arange(num_steps) * (N // num_steps) + steps_offset``; ``trailing``:
     ``round(arange(N, 0, -N / num_steps)) - 1``; ``linspace``: ``round(linspace(0, N - 1, num_steps))``;
     ``linspace_frac``: float32 ``linspace(0, N - 1, num_steps)`` unrounded (Euler/Heun/LMS).
-    Returns float64 of shape ``(num_steps,)``.
+    Returns float64 of shape ``(num_steps,)``, strictly decreasing, within ``[0, N - 1]``.
+
+    ``trailing`` keeps the first ``num_steps`` values of diffusers' ``arange(N, 0, -N / n)``:
+    for some step counts (62 of 1..1000 for N = 1000: 61, 103, ..., 769, ..., 998) float rounding
+    gives that arange an extra entry, timestep -1, and diffusers 0.42 runs ``num_steps + 1`` steps.
     """
     n = num_train_timesteps
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+    num_steps = check_num_steps(num_steps)
     if num_steps > n:
-        raise ValueError(f"num_steps={num_steps} exceeds the schedule's {n} training indices; "
-                         f"use at most {n} steps or a continuous spacing "
+        raise ValueError(f"sampler.num_steps={num_steps} exceeds the schedule's {n} training "
+                         f"indices; use at most {n} steps or a continuous spacing "
                          f"({', '.join(CONTINUOUS_SPACINGS)}).")
     if spacing == "leading":
         step_ratio = n // num_steps
         timesteps = (np.arange(0, num_steps) * step_ratio).round()[::-1] + steps_offset
     elif spacing == "trailing":
         step_ratio = n / num_steps
-        timesteps = np.round(np.arange(n, 0, -step_ratio)) - 1
+        timesteps = np.round(np.arange(n, 0, -step_ratio)[:num_steps]) - 1
     elif spacing == "linspace":
         timesteps = np.linspace(0, n - 1, num_steps).round()[::-1]
     elif spacing == "linspace_frac":
@@ -86,13 +137,12 @@ def sigma_grid(schedule: NoiseSchedule, num_steps: int, spacing: str, rho: float
                steps_offset: int = 0) -> Tensor:
     """The sigma~ grid for ``num_steps`` steps: float64 of shape ``(num_steps + 1,)``, last entry 0.
 
-    Raises ValueError for an unknown spacing, ``num_steps < 1``, or a discrete spacing on a
-    continuous schedule / with more steps than training indices. ``spacing="auto"`` is resolved
-    with :func:`resolve_spacing`.
+    Raises ValueError for an unknown spacing, a ``num_steps`` that :func:`check_num_steps`
+    refuses, or a discrete spacing on a continuous schedule / with more steps than training
+    indices. ``spacing="auto"`` is resolved with :func:`resolve_spacing`.
     """
     spacing = resolve_spacing(schedule, spacing)
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+    num_steps = check_num_steps(num_steps)
     if spacing in DISCRETE_SPACINGS:
         if not schedule.discrete:
             raise ValueError(f"Spacing {spacing!r} needs a discrete schedule (linear, "

@@ -69,9 +69,9 @@ def print_config_tree(cfg: DictConfig, save_to: str | Path | None = None,
         branch.add(rich.syntax.Syntax(text, "yaml"))
     rich.print(tree)
     if save_to is not None:
-        path = Path(save_to)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as handle:
+        from diffsweep.files import atomic_writer
+
+        with atomic_writer(save_to, "w") as handle:
             rich.print(tree, file=handle)
 
 

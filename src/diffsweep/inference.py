@@ -24,6 +24,7 @@ import contextlib
 import copy
 import itertools
 import types
+import weakref
 from typing import Any, Callable, Iterator
 
 import torch
@@ -130,9 +131,11 @@ class CompiledSamplingNet(nn.Module):
                 ) from error
 
 
-#: The most recent frozen copy, shared by every module whose weights equal it (see the module
+#: The most recent frozen copy, shared by every net whose weights equal it (see the module
 #: docstring: inductor keeps frozen weights alive anyway, so recompiling them would only add more).
 _last_frozen: CompiledSamplingNet | None = None
+#: The compiled copy last used for each live net (dropped with the net).
+_copies: "weakref.WeakKeyDictionary[nn.Module, CompiledSamplingNet]" = weakref.WeakKeyDictionary()
 
 
 def compiled_sampling_net(net: nn.Module, current: CompiledSamplingNet | None,
@@ -142,18 +145,33 @@ def compiled_sampling_net(net: nn.Module, current: CompiledSamplingNet | None,
     can be brought up to date in place), else the last frozen copy with ``net``'s weights, else a
     new one."""
     global _last_frozen
-    if current is not None and current.freeze_weights == freeze_weights:
+    options = dict(compile_options or {})
+    if (current is not None and current.freeze_weights == freeze_weights
+            and current.compile_options == options):
         # plain: copying is cheaper than comparing first; frozen: only equal weights will do
         if current.load_weights_from(net) or current.matches(net):
             return current
     if (freeze_weights and _last_frozen is not None
-            and _last_frozen.compile_options == dict(compile_options or {})
-            and _last_frozen.matches(net)):
+            and _last_frozen.compile_options == options and _last_frozen.matches(net)):
         return _last_frozen
-    compiled = CompiledSamplingNet(net, compile_options, freeze_weights)
+    compiled = CompiledSamplingNet(net, options, freeze_weights)
     if freeze_weights:
         _last_frozen = compiled
     return compiled
+
+
+def sampling_net(net: nn.Module, compile_options: dict[str, Any] | None = None,
+                 freeze_weights: bool = False) -> CompiledSamplingNet:
+    """The compiled copy to sample ``net`` with, kept per net between calls (see
+    :func:`compiled_sampling_net`); the net itself holds no reference to it."""
+    compiled = compiled_sampling_net(net, _copies.get(net), compile_options, freeze_weights)
+    _copies[net] = compiled
+    return compiled
+
+
+def cached_sampling_net(net: nn.Module) -> CompiledSamplingNet | None:
+    """The compiled copy :func:`sampling_net` last returned for ``net``, if any."""
+    return _copies.get(net)
 
 
 def _call_module(module: nn.Module, *args: Tensor) -> Tensor:
@@ -184,5 +202,5 @@ def _pad_rows(tensor: Tensor, rows: int) -> Tensor:
     return torch.cat([tensor, extra])
 
 
-__all__ = ["CompiledSamplingNet", "SAMPLE_PRECISIONS", "autocast_dtype", "compiled_sampling_net",
-           "sampling_precision"]
+__all__ = ["CompiledSamplingNet", "SAMPLE_PRECISIONS", "autocast_dtype", "cached_sampling_net",
+           "compiled_sampling_net", "sampling_net", "sampling_precision"]

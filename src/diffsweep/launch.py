@@ -43,6 +43,8 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
 
+from diffsweep.files import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 #: File (under the job's Hydra output subdir) the rank processes rebuild the job from.
@@ -140,13 +142,10 @@ def _destroy_process_group() -> None:
 
 def write_job_file(job: _Job, path: Path) -> Path:
     """Write ``job`` (task, config, Hydra node, cwd) as YAML to ``path`` atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
     # Resolved here, in the job's process (``${now:}``, ``${hydra:...}`` as this rank sees them).
     config = OmegaConf.to_container(OmegaConf.create(job.config), resolve=True)
     document = {"task": job.task, "cwd": job.cwd, "config": config, "hydra": job.hydra}
-    partial.write_text(OmegaConf.to_yaml(OmegaConf.create(document)))
-    partial.replace(path)
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(document)))
     return path
 
 

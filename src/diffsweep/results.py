@@ -1,30 +1,18 @@
 """A results table (CSV) that several jobs of a sweep append to, safely.
 
 Each append takes an exclusive lock, reads the current rows, adds one and replaces the file
-atomically (temp file + fsync + ``os.replace``): a job killed at any point leaves either the old or
-the new file, never a truncated one.
+atomically (:func:`diffsweep.files.atomic_writer`): a job killed at any point leaves either the old
+or the new file, never a truncated one.
 """
 
 from __future__ import annotations
 
 import csv
-import fcntl
 import io
-import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    lock_path = path.with_name(path.name + ".lock")
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+from diffsweep.files import atomic_write_text, file_lock
 
 
 def read_rows(path: str | Path) -> list[dict[str, str]]:
@@ -39,8 +27,7 @@ def read_rows(path: str | Path) -> list[dict[str, str]]:
 def append_row(path: str | Path, row: dict[str, Any]) -> None:
     """Append ``row`` to the CSV at ``path`` (columns are the union of all rows', in first-seen order)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(path):
+    with file_lock(path.with_name(path.name + ".lock")):
         rows = read_rows(path) + [{key: "" if value is None else value
                                    for key, value in row.items()}]
         columns: list[str] = []
@@ -50,12 +37,4 @@ def append_row(path: str | Path, row: dict[str, Any]) -> None:
         writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        try:
-            with open(partial, "w", newline="") as handle:
-                handle.write(buffer.getvalue())
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
+        atomic_write_text(path, buffer.getvalue())

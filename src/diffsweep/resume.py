@@ -9,7 +9,6 @@ A finished run is never reopened: the same command after success starts a new ru
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -17,23 +16,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from diffsweep.files import atomic_write_json, file_lock, is_locked
+
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "run_status.json"
 LOCK_FILE = "run.lock"
-
-
-def _is_locked(run_dir: Path) -> bool:
-    lock_path = run_dir / LOCK_FILE
-    if not lock_path.exists():
-        return False
-    with open(lock_path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    return False
 
 
 def read_status(run_dir: str | Path) -> dict[str, str] | None:
@@ -62,16 +50,15 @@ def resumable_run_dir(runs_dir: str, new_name: str, resume: str, signature: str)
         for status_path in candidates:
             status = read_status(status_path.parent)
             if (status and status.get("signature") == signature
-                    and status.get("status") != "finished" and not _is_locked(status_path.parent)):
+                    and status.get("status") != "finished" and not is_locked(status_path.parent / LOCK_FILE)):
                 log.info("Resuming the unfinished run in %s", status_path.parent)
                 return str(status_path.parent)
     return str(root / new_name)
 
 
 def _write_status(run_dir: Path, signature: str, status: str) -> None:
-    partial = run_dir / f".{STATUS_FILE}.partial"
-    partial.write_text(json.dumps({"signature": signature, "status": status, "pid": os.getpid()}))
-    os.replace(partial, run_dir / STATUS_FILE)
+    atomic_write_json(run_dir / STATUS_FILE,
+                      {"signature": signature, "status": status, "pid": os.getpid()})
 
 
 @contextmanager
@@ -79,12 +66,10 @@ def run_status(run_dir: str | Path, signature: str) -> Iterator[None]:
     """Mark ``run_dir`` running (and locked) inside the block; finished or failed after it."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / LOCK_FILE, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    with file_lock(run_dir / LOCK_FILE, blocking=False) as held:
+        if not held:
             raise RuntimeError(f"Another process is training in {run_dir}; wait for it or choose "
-                               f"another run directory (hydra.run.dir=...).") from None
+                               f"another run directory (hydra.run.dir=...).")
         _write_status(run_dir, signature, "running")
         try:
             yield

@@ -9,12 +9,29 @@ Every sampler has the signature ``fn(denoiser, x, sigmas, generator=None, **opti
 
 The result is the sample at sigma~ = 0, i.e. in data space for every schedule. Samplers never
 convert prediction types; that happens in the denoiser.
+
+Repeated sigmas. A grid may repeat a value (a hand-built grid, timesteps rounded to integers); the
+step between equal values has zero length, and every sampler skips it: no network call, no noise,
+no entry in a multistep history. A grid with repeats therefore samples exactly (bitwise) as the
+same grid with the repeats removed, with that grid's NFE. This is the one consistent reading of a
+zero-length step for every method (Euler/DDIM/Heun would otherwise spend a network call to stay
+put; DPM-Solver++, UniPC and LMS divide by the step length, and diffusers 0.42's
+``DPMSolverMultistepScheduler``, ``UniPCMultistepScheduler`` and ``LMSDiscreteScheduler`` return
+NaN on such a grid; older diffusers de-duplicated DPM-Solver's timesteps). The grids of
+:mod:`diffsweep.grids` never repeat; :func:`diffsweep.grids.check_sigma_grid` refuses an increase.
+
+Predicted-x0 clipping (``ddim``, ``ddpm``): ``clip_sample`` and dynamic ``thresholding`` act on
+x0_hat exactly as diffusers' ``DDIMScheduler``/``DDPMScheduler`` do (:class:`X0Clipping`); x0 is the
+same in x-space and sigma~-space (``x~ = x_t / alpha = x0 + sigma~ eps``), so the operation carries
+over unchanged. It enters the step in one place, :func:`_ddim_steps`.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from numbers import Real
 from typing import Callable
 
 import numpy as np
@@ -22,7 +39,7 @@ import torch
 from torch import Tensor
 
 from diffsweep.denoiser import DenoiserFn
-from diffsweep.grids import sigma_grid, check_spacing
+from diffsweep.grids import check_num_steps, check_sigma_grid, check_spacing, sigma_grid
 from diffsweep.schedules import NoiseSchedule
 
 SamplerFn = Callable[..., Tensor]
@@ -66,13 +83,116 @@ def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tupl
 
 def _check_eta(eta: float) -> None:
     if eta < 0:
-        raise ValueError(f"eta must be >= 0 (0 = deterministic, 1 = DDPM/ancestral), got {eta}.")
+        raise ValueError(f"sampler.eta must be >= 0 (0 = deterministic, 1 = DDPM/ancestral), "
+                         f"got {eta}.")
 
 
 def _steps(sigmas: Tensor) -> list[tuple[float, float]]:
-    """``[(sigma_i, sigma_{i+1})]`` as Python floats (float64)."""
+    """``[(sigma_i, sigma_{i+1})]`` as Python floats (float64), zero-length steps left out.
+
+    The one place a grid enters a sampler: it is checked (:func:`diffsweep.grids.check_sigma_grid`)
+    and a repeated value's step ``(s, s)`` is dropped, so no sampler divides by a zero step length.
+    """
+    check_sigma_grid(sigmas)
     values = sigmas.tolist()
-    return list(zip(values[:-1], values[1:]))
+    return [(sigma, sigma_next) for sigma, sigma_next in zip(values[:-1], values[1:])
+            if sigma_next < sigma]
+
+
+@dataclass(frozen=True)
+class X0Clipping:
+    """What diffusers' ``DDPMScheduler``/``DDIMScheduler`` do to the predicted x0 (``step``, 4.).
+
+    ``thresholding`` (dynamic thresholding, Saharia et al. 2022, Imagen): per sample, ``s`` = the
+    ``dynamic_thresholding_ratio`` quantile of ``|x0|`` over all its elements, clamped to
+    ``[1, sample_max_value]``; ``x0 <- clamp(x0, -s, s) / s``. Otherwise ``clip_sample``:
+    ``x0 <- clamp(x0, -clip_sample_range, clip_sample_range)``. Thresholding takes precedence when
+    both are on, as in diffusers. Neither on: the identity (:attr:`enabled` is False).
+    """
+
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("clip_sample", "thresholding"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"sampler.{name} must be true or false, "
+                                 f"got {getattr(self, name)!r}.")
+        if not _is_number(self.clip_sample_range) or not self.clip_sample_range > 0:
+            raise ValueError(f"sampler.clip_sample_range must be > 0 (x0 is clamped to "
+                             f"[-range, range]), got {self.clip_sample_range!r}.")
+        ratio = self.dynamic_thresholding_ratio
+        if not _is_number(ratio) or not 0 < ratio <= 1:
+            raise ValueError(f"sampler.dynamic_thresholding_ratio must be in (0, 1] (the quantile "
+                             f"of |x0| used as threshold), got {ratio!r}.")
+        if not _is_number(self.sample_max_value) or not self.sample_max_value > 0:
+            raise ValueError(f"sampler.sample_max_value must be > 0 (the largest threshold), "
+                             f"got {self.sample_max_value!r}.")
+
+    @classmethod
+    def from_options(cls, options: dict) -> "X0Clipping":
+        """The clipping named by a sampler's keyword options (other keys are ignored)."""
+        return cls(**{f.name: options[f.name] for f in fields(cls) if f.name in options})
+
+    @property
+    def enabled(self) -> bool:
+        return self.clip_sample or self.thresholding
+
+    def __call__(self, x0: Tensor) -> Tensor:
+        """The clipped x0, same shape and dtype as ``x0`` (B, ...)."""
+        if self.thresholding:
+            return dynamic_threshold(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
+        if self.clip_sample:
+            return x0.clamp(-self.clip_sample_range, self.clip_sample_range)
+        return x0
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def dynamic_threshold(x0: Tensor, ratio: float, max_value: float) -> Tensor:
+    """Imagen's dynamic thresholding of x0 (B, ...), as diffusers' ``_threshold_sample``.
+
+    ``s = clamp(quantile(|x0_b|, ratio), 1, max_value)`` per sample b (over all its elements), then
+    ``clamp(x0_b, -s, s) / s``; half precision is upcast to float32 for the quantile.
+    """
+    dtype = x0.dtype
+    flat = x0.reshape(x0.shape[0], -1)
+    if dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    s = torch.quantile(flat.abs(), ratio, dim=1)
+    s = s.clamp(min=1, max=max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(dtype)
+
+
+def _ddim_steps(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor,
+                generator: torch.Generator | None, eta: float,
+                clipping: X0Clipping | None = None, eps_from_clipped: bool = True) -> Tensor:
+    """The DDIM(eta) / ancestral update over a grid; the one place x0 clipping enters a step.
+
+    ``x <- x0_c + (sigma_down / sigma) (x - x0_e) + sigma_up z`` with ``(sigma_down, sigma_up)``
+    from :func:`ancestral_step`, ``x0_c = clipping(x0_hat)`` and ``x0_e`` the x0 the direction
+    ``eps = (x - x0_e) / sigma`` is taken from: ``x0_c`` when ``eps_from_clipped`` (DDPM's
+    posterior mean, which is affine in x0 and x_t; DDIM with ``use_clipped_model_output``), else the
+    unclipped ``x0_hat`` (DDIM's default: the net's own eps). Without clipping both are ``x0_hat``:
+    ``x0 + (sigma_down / sigma) (x - x0)``. One noise draw per step except the step to sigma~ = 0.
+    """
+    clip = clipping if clipping is not None and clipping.enabled else None
+    for sigma, sigma_next in _steps(sigmas):
+        x0 = _denoise(denoiser, x, sigma)
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        if clip is None:
+            x = x0 + (sigma_down / sigma) * (x - x0)
+        else:
+            x0_clipped = clip(x0)
+            x = x0_clipped + (sigma_down / sigma) * (x - (x0_clipped if eps_from_clipped else x0))
+        if sigma_up > 0:
+            x = x + sigma_up * _noise_like(x, generator)
+    return x
 
 
 @torch.no_grad()
@@ -83,10 +203,7 @@ def sample_euler(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor,
     Written as ``x0 + (sigma_next / sigma) (x - x0)`` (DDIM's form), which rounds less than
     ``x + (sigma_next - sigma) d`` and is the same map.
     """
-    for sigma, sigma_next in _steps(sigmas):
-        x0 = _denoise(denoiser, x, sigma)
-        x = x0 + (sigma_next / sigma) * (x - x0)
-    return x
+    return _ddim_steps(denoiser, x, sigmas, generator, eta=0.0)
 
 
 @torch.no_grad()
@@ -98,23 +215,50 @@ def sample_ancestral(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor,
     ``0 <= eta <= 1`` it is DDIM(eta). One noise draw per step except the step to sigma~ = 0.
     """
     _check_eta(eta)
-    for sigma, sigma_next in _steps(sigmas):
-        x0 = _denoise(denoiser, x, sigma)
-        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
-        x = x0 + (sigma_down / sigma) * (x - x0)
-        if sigma_up > 0:
-            x = x + sigma_up * _noise_like(x, generator)
-    return x
+    return _ddim_steps(denoiser, x, sigmas, generator, eta=eta)
 
 
 @torch.no_grad()
 def sample_ddim(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor,
-                generator: torch.Generator | None = None, eta: float = 0.0) -> Tensor:
-    """DDIM (Song et al. 2021) in sigma-space: Euler for ``eta = 0``, ancestral otherwise."""
+                generator: torch.Generator | None = None, eta: float = 0.0,
+                clip_sample: bool = False, clip_sample_range: float = 1.0,
+                thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
+                sample_max_value: float = 1.0, use_clipped_model_output: bool = False) -> Tensor:
+    """DDIM (Song et al. 2021) in sigma-space: Euler for ``eta = 0``, ancestral otherwise.
+
+    ``clip_sample``/``thresholding`` clip x0_hat each step (:class:`X0Clipping`) as diffusers'
+    ``DDIMScheduler``: the step keeps the net's eps unless ``use_clipped_model_output``, which takes
+    eps from the clipped x0 (GLIDE; diffusers' ``step(use_clipped_model_output=True)``).
+    """
     _check_eta(eta)
-    if eta == 0:
-        return sample_euler(denoiser, x, sigmas, generator)
-    return sample_ancestral(denoiser, x, sigmas, generator, eta=eta)
+    clipping = X0Clipping(clip_sample, clip_sample_range, thresholding,
+                          dynamic_thresholding_ratio, sample_max_value)
+    _check_flag("use_clipped_model_output", use_clipped_model_output)
+    return _ddim_steps(denoiser, x, sigmas, generator, eta=eta, clipping=clipping,
+                       eps_from_clipped=use_clipped_model_output)
+
+
+@torch.no_grad()
+def sample_ddpm(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor,
+                generator: torch.Generator | None = None, eta: float = 1.0,
+                clip_sample: bool = False, clip_sample_range: float = 1.0,
+                thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
+                sample_max_value: float = 1.0) -> Tensor:
+    """DDPM ancestral sampling (Ho et al. 2020; ``fixed_small`` variance at ``eta = 1``).
+
+    ``clip_sample``/``thresholding`` clip x0_hat each step (:class:`X0Clipping`) as diffusers'
+    ``DDPMScheduler``, whose posterior mean ``c0 x0 + ct x_t`` then uses the clipped x0.
+    """
+    _check_eta(eta)
+    clipping = X0Clipping(clip_sample, clip_sample_range, thresholding,
+                          dynamic_thresholding_ratio, sample_max_value)
+    return _ddim_steps(denoiser, x, sigmas, generator, eta=eta, clipping=clipping,
+                       eps_from_clipped=True)
+
+
+def _check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"sampler.{name} must be true or false, got {value!r}.")
 
 
 @torch.no_grad()
@@ -269,7 +413,7 @@ def sample_unipc(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor,
 
 def _check_unipc_order(order: int) -> None:
     if order not in (2, 3):
-        raise ValueError(f"unipc order must be one of 2, 3; got {order!r}.")
+        raise ValueError(f"sampler.order must be one of 2, 3 for unipc; got {order!r}.")
 
 
 def lms_coefficient(sigmas: list[float], i: int, order: int, j: int) -> float:
@@ -297,9 +441,10 @@ def sample_lms(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor,
     ``d = (x - x0) / sigma``, with ``c_j`` from :func:`lms_coefficient`.
     """
     _check_lms_order(order)
-    sigma_list = sigmas.tolist()
+    steps = _steps(sigmas)
+    sigma_list = [sigma for sigma, _ in steps] + [sigma_next for _, sigma_next in steps[-1:]]
     derivatives: list[Tensor] = []
-    for i, (sigma, _) in enumerate(_steps(sigmas)):
+    for i, (sigma, _) in enumerate(steps):
         derivatives = (derivatives + [to_d(x, sigma, _denoise(denoiser, x, sigma))])[-order:]
         current = len(derivatives)
         for j, d in enumerate(reversed(derivatives)):
@@ -309,7 +454,8 @@ def sample_lms(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor,
 
 def _check_lms_order(order: int) -> None:
     if int(order) != order or order < 1:
-        raise ValueError(f"lms order must be an integer >= 1 (default 4), got {order!r}.")
+        raise ValueError(f"sampler.order must be an integer >= 1 for lms (default 4), "
+                         f"got {order!r}.")
 
 
 @dataclass(frozen=True)
@@ -330,11 +476,11 @@ def _heun_nfe(num_steps: int) -> int:
     return 2 * num_steps - 1
 
 
-#: name -> method. ``ddpm`` is ancestral sampling with eta = 1 on the discrete grid.
+#: name -> method. ``ddpm`` is ancestral sampling with eta = 1 (plus DDPM's x0 clipping options).
 SAMPLERS: dict[str, SamplerMethod] = {
     "euler": SamplerMethod(sample_euler, _one_per_step),
     "ddim": SamplerMethod(sample_ddim, _one_per_step),
-    "ddpm": SamplerMethod(sample_ancestral, _one_per_step, stochastic=True),
+    "ddpm": SamplerMethod(sample_ddpm, _one_per_step, stochastic=True),
     "euler_ancestral": SamplerMethod(sample_ancestral, _one_per_step, stochastic=True),
     "heun": SamplerMethod(sample_heun, _heun_nfe),
     "dpmpp_2m": SamplerMethod(sample_dpmpp_2m, _one_per_step),
@@ -353,14 +499,31 @@ def get_sampler_method(name: str) -> SamplerMethod:
                          f"{', '.join(sorted(SAMPLERS))}.") from None
 
 
+def option_names(method: str) -> tuple[str, ...]:
+    """The keyword options the sampler ``method`` accepts (its function's parameters after
+    ``denoiser, x, sigmas, generator``)."""
+    parameters = inspect.signature(get_sampler_method(method).fn).parameters
+    return tuple(name for name in parameters if name not in ("denoiser", "x", "sigmas",
+                                                             "generator"))
+
+
 def _check_options(method: str, options: dict) -> None:
     """Validate sampler options early (at config time) with messages naming the valid values."""
+    allowed = option_names(method)
+    for key in options:
+        if key not in allowed:
+            raise ValueError(f"sampler.{key} is not an option of the {method} sampler; its "
+                             f"options are: {', '.join(allowed) or 'none'}.")
     if "eta" in options:
         _check_eta(options["eta"])
     if method == "unipc":
         _check_unipc_order(options.get("order", 2))
     if method == "lms":
         _check_lms_order(options.get("order", 4))
+    if "clip_sample" in allowed:
+        X0Clipping.from_options(options)
+    if "use_clipped_model_output" in options:
+        _check_flag("use_clipped_model_output", options["use_clipped_model_output"])
 
 
 def state_dtype(device: torch.device | str) -> torch.dtype:
@@ -382,11 +545,14 @@ class Sampler:
             schedules, ``karras`` for continuous ones.
         rho: Karras grid exponent (``spacing=karras`` only).
         steps_offset: added to ``leading`` discrete timesteps (Stable Diffusion uses 1).
-        **options: passed to the sampler function (e.g. ``eta``, ``s_churn``, ``order``).
+        **options: passed to the sampler function (e.g. ``eta``, ``s_churn``, ``order``,
+            ``clip_sample``); :func:`option_names` lists a method's.
 
-    Raises ValueError (naming the valid choices) for an unknown method or spacing, ``num_steps < 1``,
-    ``eta < 0``, a unipc order not in {2, 3} or an lms order < 1; grid errors (a discrete spacing
-    on a continuous schedule, more steps than training indices) surface in :meth:`sigmas`.
+    Raises ValueError (naming the valid choices) for an unknown method, spacing or option, a
+    ``num_steps`` :func:`diffsweep.grids.check_num_steps` refuses, ``eta < 0``, a unipc order not
+    in {2, 3}, an lms order < 1 or bad clipping options (:class:`X0Clipping`); grid errors (a
+    discrete spacing on a continuous schedule, more steps than training indices) surface in
+    :meth:`sigmas`.
     """
 
     def __init__(self, method: str = "ddim", num_steps: int = 50, spacing: str = "auto",
@@ -394,10 +560,8 @@ class Sampler:
         self.method_name = method
         self.method = get_sampler_method(method)
         check_spacing(spacing)
-        if int(num_steps) != num_steps or num_steps < 1:
-            raise ValueError(f"num_steps must be an integer >= 1, got {num_steps}.")
+        self.num_steps = check_num_steps(num_steps)
         _check_options(method, options)
-        self.num_steps = int(num_steps)
         self.spacing = spacing
         self.rho = rho
         self.steps_offset = steps_offset

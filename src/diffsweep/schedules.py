@@ -2,8 +2,9 @@
 
 Every schedule also exposes its *sigma-space* view (Karras et al. 2022): with
 ``x~ = x_t / alpha`` and ``sigma~ = sigma / alpha`` every schedule reads ``x~ = x0 + sigma~ * eps``,
-so one sampler serves VP and VE alike. Throughout this package ``sigma`` in a sampler or a
-denoiser means ``sigma~``; ``alpha(t)`` / ``sigma(t)`` here are the schedule's own x-space terms.
+so one sampler serves VP, VE and flow matching alike. Throughout this package ``sigma`` in a
+sampler or a denoiser means ``sigma~``; ``alpha(t)`` / ``sigma(t)`` here are the schedule's own
+x-space terms.
 
 Tables and conversions are computed in float64; callers cast the results to the model's dtype.
 """
@@ -22,6 +23,9 @@ __all__ = [
     "ContinuousVPSchedule",
     "VESchedule",
     "EDMSchedule",
+    "FlowMatchingSchedule",
+    "FLOW_DENSITIES",
+    "flow_dynamic_shift",
     "discrete_betas",
     "rescale_zero_terminal_snr",
 ]
@@ -117,6 +121,16 @@ class NoiseSchedule(ABC):
         t = self.sample_t(batch_size, generator=generator, device=device)
         return t, self.sigma_tilde(t)
 
+    def log_snr(self, t: Tensor) -> Tensor:
+        """``log(alpha^2 / sigma^2) = -2 log sigma~(t)`` (float64; +inf where sigma~ = 0)."""
+        return -2 * self.sigma_tilde(_as_float64(t)).log()
+
+
+def _constructor_repr(obj: object, **arguments: object) -> str:
+    """``ClassName(key=value, ...)`` with ``repr`` values: evaluates back to an equal schedule."""
+    fields = ", ".join(f"{key}={value!r}" for key, value in arguments.items())
+    return f"{type(obj).__name__}({fields})"
+
 
 # --------------------------------------------------------------------------- discrete VP
 
@@ -194,6 +208,7 @@ class DiscreteVPSchedule(NoiseSchedule):
         if rescale_betas_zero_snr:
             betas = rescale_zero_terminal_snr(betas)
         self.beta_schedule = beta_schedule
+        self.beta_start, self.beta_end = beta_start, beta_end
         self.num_train_timesteps = num_train_timesteps
         self.rescale_betas_zero_snr = rescale_betas_zero_snr
         self.betas = betas.to(torch.float64)
@@ -261,8 +276,10 @@ class DiscreteVPSchedule(NoiseSchedule):
         return _as_float64(t)
 
     def __repr__(self) -> str:
-        return (f"DiscreteVPSchedule({self.beta_schedule!r}, N={self.num_train_timesteps}, "
-                f"zero_snr={self.rescale_betas_zero_snr})")
+        return _constructor_repr(self, beta_schedule=self.beta_schedule,
+                                 num_train_timesteps=self.num_train_timesteps,
+                                 beta_start=self.beta_start, beta_end=self.beta_end,
+                                 rescale_betas_zero_snr=self.rescale_betas_zero_snr)
 
 
 # --------------------------------------------------------------------------- continuous
@@ -308,6 +325,7 @@ class ContinuousVPSchedule(_SDESchedule):
         self._check_eps_t(eps_t)
         self.beta_min, self.beta_max, self.eps_t = beta_min, beta_max, eps_t
         self.c_noise_scale = num_train_timesteps - 1
+        self._num_train_timesteps = num_train_timesteps
 
     def _log_alpha(self, t: Tensor) -> Tensor:
         t = _as_float64(t)
@@ -332,6 +350,10 @@ class ContinuousVPSchedule(_SDESchedule):
 
     def c_noise(self, t: Tensor) -> Tensor:
         return self.c_noise_scale * _as_float64(t)
+
+    def __repr__(self) -> str:
+        return _constructor_repr(self, beta_min=self.beta_min, beta_max=self.beta_max,
+                                 eps_t=self.eps_t, num_train_timesteps=self._num_train_timesteps)
 
 
 class VESchedule(_SDESchedule):
@@ -364,6 +386,10 @@ class VESchedule(_SDESchedule):
 
     def prior_std(self, sigma_tilde: float) -> float:
         return sigma_tilde
+
+    def __repr__(self) -> str:
+        return _constructor_repr(self, sigma_min=self._sigma_min, sigma_max=self._sigma_max,
+                                 eps_t=self.eps_t, sigma_data=self.sigma_data)
 
 
 class EDMSchedule(NoiseSchedule):
@@ -407,3 +433,268 @@ class EDMSchedule(NoiseSchedule):
 
     def prior_std(self, sigma_tilde: float) -> float:
         return sigma_tilde
+
+    def __repr__(self) -> str:
+        return _constructor_repr(self, sigma_min=self._sigma_min, sigma_max=self._sigma_max,
+                                 p_mean=self.p_mean, p_std=self.p_std, sigma_data=self.sigma_data)
+
+
+# --------------------------------------------------------------------------- flow matching
+
+#: Training-time densities of :class:`FlowMatchingSchedule` (diffusers' ``weighting_scheme``).
+FLOW_DENSITIES = ("uniform", "logit_normal", "mode", "cosmap")
+FLOW_TIME_SHIFT_TYPES = ("exponential", "linear")
+#: ``mode_scale`` values for which ``f_mode`` is monotone (so the density exists on [0, 1]).
+MODE_SCALE_RANGE = (-1.0, 2 / (math.pi - 2))
+
+
+def flow_dynamic_shift(image_seq_len: int, base_image_seq_len: int = 256,
+                       max_image_seq_len: int = 4096, base_shift: float = 0.5,
+                       max_shift: float = 1.15, time_shift_type: str = "exponential") -> float:
+    """The static shift ``k`` that SD3/Flux-style resolution-dependent shifting amounts to.
+
+    ``mu = base_shift + (max_shift - base_shift) (image_seq_len - base_image_seq_len) /
+    (max_image_seq_len - base_image_seq_len)``, linear in the number of latent tokens (diffusers'
+    ``calculate_shift`` in the Flux/SD3 pipelines). diffusers then maps the unshifted t with
+    ``time_shift(mu, 1, t) = e^mu / (e^mu + 1/t - 1)`` (``exponential``) or
+    ``mu / (mu + 1/t - 1)`` (``linear``), which is the static shift
+    ``k t / (1 + (k - 1) t)`` with ``k = exp(mu)`` or ``k = mu``.
+    """
+    if time_shift_type not in FLOW_TIME_SHIFT_TYPES:
+        raise ValueError(f"Unknown time_shift_type {time_shift_type!r}; choose one of "
+                         f"{', '.join(FLOW_TIME_SHIFT_TYPES)}.")
+    if int(image_seq_len) != image_seq_len or image_seq_len < 1:
+        raise ValueError(f"image_seq_len must be a positive integer (latent tokens per image), "
+                         f"got {image_seq_len!r}.")
+    if max_image_seq_len == base_image_seq_len:
+        raise ValueError(f"max_image_seq_len must differ from base_image_seq_len, both are "
+                         f"{base_image_seq_len}.")
+    slope = (max_shift - base_shift) / (max_image_seq_len - base_image_seq_len)
+    mu = base_shift + slope * (image_seq_len - base_image_seq_len)
+    if time_shift_type == "exponential":
+        return math.exp(mu)
+    if mu <= 0:
+        raise ValueError(f"time_shift_type='linear' needs mu > 0, got mu={mu} for "
+                         f"image_seq_len={image_seq_len}.")
+    return mu
+
+
+class FlowMatchingSchedule(NoiseSchedule):
+    """Rectified flow / flow matching (Liu et al. 2022; Lipman et al. 2022; Esser et al. 2024).
+
+    ``x_t = (1 - s) x0 + s eps`` with the noise level ``s = s(t) = k t / (1 + (k - 1) t)``: ``t``
+    is the schedule's time *before* the timestep shift ``k`` (diffusers' unshifted
+    ``timesteps / N``), ``s`` is what diffusers' ``FlowMatchEulerDiscreteScheduler`` calls
+    ``sigmas``. So ``alpha(t) = 1 - s``, ``sigma(t) = s`` (``k = 1``: ``alpha = 1 - t``,
+    ``sigma = t``) and in sigma-space
+
+        ``sigma~(t) = s / (1 - s) = k t / (1 - t)``,  ``t(sigma~) = sigma~ / (k + sigma~)``:
+
+    the shift multiplies sigma~ by ``k`` (divides the SNR by ``k^2``), which is how SD3 moves
+    training and sampling towards noise at higher resolutions (Esser et al. 2024,
+    "resolution-dependent shifting": ``k = sqrt(m / n)`` for m vs n pixels; SD3 uses ``k = 3``).
+    With ``use_dynamic_shifting`` (Flux) ``k`` follows the number of latent tokens, see
+    :func:`flow_dynamic_shift`.
+
+    What the net sees: ``c_in(sigma~) = 1 / (1 + sigma~) = 1 - s``, so ``c_in * x~ = x_t`` exactly
+    (not the unit-variance ``1 / sqrt(sigma~^2 + sigma_data^2)`` of the other schedules: flow nets
+    are trained on ``x_t``), and ``c_noise(t) = N s`` (``N = num_train_timesteps = 1000``): the
+    ``timestep`` that ``FlowMatchEulerDiscreteScheduler`` passes to the SD3 transformer (Flux's
+    pipeline passes ``s`` and its transformer multiplies by 1000). The sampler's prior is
+    ``x_T ~ N(0, I)`` in x-space, so ``prior_std(sigma~) = 1 / alpha = 1 + sigma~``.
+
+    Training time ``t = u`` with ``u`` drawn from ``density`` exactly as diffusers'
+    ``compute_density_for_timestep_sampling`` draws it (same calls on the generator, float32; same
+    seed, same u to float32 rounding), then clamped to ``[t_min, t_max]`` (Esser et al. 2024,
+    Sec. 3.1, "tailored SNR samplers"):
+
+    - ``uniform``: ``u ~ U(0, 1)``;
+    - ``logit_normal``: ``u = sigmoid(n)``, ``n ~ N(logit_mean, logit_std^2)`` (SD3's best:
+      ``logit_mean = 0``, ``logit_std = 1``);
+    - ``mode``: ``u = 1 - v - mode_scale (cos^2(pi v / 2) - 1 + v)``, ``v ~ U(0, 1)`` (SD3 uses
+      1.29; ``mode_scale`` in ``[-1, 2 / (pi - 2)]`` keeps it monotone);
+    - ``cosmap``: ``u = 1 - 1 / (tan(pi v / 2) + 1)``, density ``2 / (pi (1 - 2u + 2u^2))``
+      (``sigma~ = tan(pi v / 2)`` for k = 1: the cosine schedule's noise levels). diffusers has no
+      cosmap *density*: its ``cosmap`` draws u uniformly and weights the loss by
+      ``compute_loss_weighting_for_sd3('cosmap')``, which is exactly this density, so the two
+      agree in expectation.
+
+    The shift applies to training too (``s = s(u)``), as SD3 shifts its training distribution.
+    diffusers' example training scripts index the scheduler's descending table with
+    ``int(u N)``, i.e. train at ``s(1 - floor(u N) / N)``: identical in distribution up to the
+    1/N discretisation for the four densities above, which are symmetric about 1/2, except
+    ``logit_normal`` with ``logit_mean != 0``, whose sign is then flipped; here ``logit_mean > 0``
+    favours noise, as in the SD3 paper.
+
+    Range. ``t = 1`` is pure noise and ``sigma~ = inf``; diffusers' Euler grid starts there
+    (``sigmas[0] = 1.0``). Our samplers need a finite start, so ``t_max = 1 - 1e-9`` by default
+    (``sigma~_max = k 1e9``). Starting x~ at ``prior_std(sigma~_max) * noise`` then feeds the
+    net exactly the noise itself and ``c_noise = N`` to float32 rounding, and the Euler step from
+    there differs from the exact limit (``x~_1 = x0_hat + sigma~_1 * noise``) by ``~1e-9``: so
+    Euler on the ``uniform_t`` grid *is* ``FlowMatchEulerDiscreteScheduler`` to float32 rounding
+    (tests/test_flow.py). ``t_min`` (default None) is diffusers' last grid point before 0 in
+    unshifted time: ``s_k(1 / N)`` for a static shift (diffusers shifts the table end, then
+    shifts the grid again) and ``1 / N`` with dynamic shifting; training clamps to the same range.
+
+    With ``t_max`` that close to 1, grids that follow sigma~ (``karras``, ``log_snr``) spend most
+    steps at ``t > 0.99``, Heun's trapezoid in sigma~ over the first ``uniform_t`` interval is
+    ill-conditioned (error ~ ``sigma~_max |dx0_hat| / sigma~_1^2``), and an epsilon- or
+    x0-predicting net must resolve x0 from eps at SNR ~1e-18. Sample flow models with
+    ``spacing=uniform_t``; for Heun on ``uniform_t`` or for an epsilon-predicting net set
+    ``t_max = 1 - 1 / N`` (diffusers' flow DPM-Solver/UniPC grids start there).
+
+    Args:
+        num_train_timesteps: N; the net is told ``c_noise = N s``.
+        shift: static timestep shift ``k`` (SD3: 3.0); must stay 1.0 with dynamic shifting.
+        use_dynamic_shifting: take ``k`` from ``image_seq_len`` (Flux), see
+            :func:`flow_dynamic_shift`.
+        image_seq_len: latent tokens per image (``(H / 8 / 2) * (W / 8 / 2)`` for Flux' VAE and
+            2x2 patches); required with ``use_dynamic_shifting``.
+        base_image_seq_len, max_image_seq_len, base_shift, max_shift, time_shift_type: the
+            dynamic shift's line ``mu(image_seq_len)`` and map (diffusers' defaults).
+        density: training-time density of u, one of :data:`FLOW_DENSITIES`.
+        logit_mean, logit_std: ``logit_normal`` parameters.
+        mode_scale: ``mode`` parameter.
+        t_min, t_max: the range of t for sampling grids and training (see Range above).
+        sigma_data: data std used by unit-variance conversions (``v_prediction`` targets, EDM-type
+            loss weights); not by ``c_in``.
+    """
+
+    #: ``sampler.spacing=auto`` on this schedule: diffusers' FlowMatchEuler grid (uniform in t).
+    auto_spacing = "uniform_t"
+
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0,
+                 use_dynamic_shifting: bool = False, image_seq_len: int | None = None,
+                 base_image_seq_len: int = 256, max_image_seq_len: int = 4096,
+                 base_shift: float = 0.5, max_shift: float = 1.15,
+                 time_shift_type: str = "exponential", density: str = "uniform",
+                 logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29,
+                 t_min: float | None = None, t_max: float = 1 - 1e-9,
+                 sigma_data: float = 1.0) -> None:
+        if int(num_train_timesteps) != num_train_timesteps or num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps must be a positive integer, got "
+                             f"{num_train_timesteps!r}.")
+        if not shift > 0:
+            raise ValueError(f"shift must be > 0 (1.0 = no shift, SD3: 3.0), got {shift!r}.")
+        if density not in FLOW_DENSITIES:
+            raise ValueError(f"Unknown density {density!r}; choose one of "
+                             f"{', '.join(FLOW_DENSITIES)}.")
+        if not logit_std > 0:
+            raise ValueError(f"logit_std must be > 0, got {logit_std!r}.")
+        low, high = MODE_SCALE_RANGE
+        if not low <= mode_scale <= high:
+            raise ValueError(f"mode_scale must lie in [{low}, {high:.4f}] (f_mode monotone), got "
+                             f"{mode_scale!r}.")
+        if use_dynamic_shifting:
+            if shift != 1.0:
+                raise ValueError(f"shift={shift!r} and use_dynamic_shifting=true exclude each "
+                                 f"other: the dynamic shift replaces the static one; set "
+                                 f"shift=1.0.")
+            if image_seq_len is None:
+                raise ValueError("use_dynamic_shifting=true needs image_seq_len (latent tokens "
+                                 "per image, e.g. 4096 for Flux at 1024x1024).")
+            effective_shift = flow_dynamic_shift(image_seq_len, base_image_seq_len,
+                                                 max_image_seq_len, base_shift, max_shift,
+                                                 time_shift_type)
+        else:
+            if time_shift_type not in FLOW_TIME_SHIFT_TYPES:
+                raise ValueError(f"Unknown time_shift_type {time_shift_type!r}; choose one of "
+                                 f"{', '.join(FLOW_TIME_SHIFT_TYPES)}.")
+            effective_shift = float(shift)
+        self._num_train_timesteps = int(num_train_timesteps)
+        self.c_noise_scale = float(num_train_timesteps)
+        #: The shift k actually applied (static ``shift`` or the dynamic one).
+        self.shift = effective_shift
+        self._static_shift = float(shift)
+        self.use_dynamic_shifting = use_dynamic_shifting
+        self.image_seq_len = image_seq_len
+        self.base_image_seq_len, self.max_image_seq_len = base_image_seq_len, max_image_seq_len
+        self.base_shift, self.max_shift = base_shift, max_shift
+        self.time_shift_type = time_shift_type
+        self.density = density
+        self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
+        self.sigma_data = sigma_data
+        if t_min is None:
+            first = 1.0 / num_train_timesteps
+            t_min = first if use_dynamic_shifting else self._shifted(first)
+        if not 0 < t_min < t_max < 1:
+            raise ValueError(f"Need 0 < t_min < t_max < 1 (t = 1 is pure noise, sigma~ = inf), "
+                             f"got t_min={t_min}, t_max={t_max}.")
+        self._t_min, self._t_max = float(t_min), float(t_max)
+
+    def _shifted(self, t: float) -> float:
+        return self.shift * t / (1 + (self.shift - 1) * t)
+
+    @property
+    def t_min(self) -> float:
+        return self._t_min
+
+    @property
+    def t_max(self) -> float:
+        return self._t_max
+
+    def alpha(self, t: Tensor) -> Tensor:
+        t = _as_float64(t)
+        return (1 - t) / (1 + (self.shift - 1) * t)
+
+    def sigma(self, t: Tensor) -> Tensor:
+        """The noise level ``s = k t / (1 + (k - 1) t)`` (diffusers' ``sigmas``)."""
+        t = _as_float64(t)
+        return self.shift * t / (1 + (self.shift - 1) * t)
+
+    def sigma_tilde(self, t: Tensor) -> Tensor:
+        t = _as_float64(t)
+        return self.shift * t / (1 - t)
+
+    def t_of_sigma(self, sigma_tilde: Tensor) -> Tensor:
+        """``sigma~ / (k + sigma~)``, written so that sigma~ = inf gives t = 1."""
+        return 1 / (1 + self.shift / _as_float64(sigma_tilde))
+
+    def c_noise(self, t: Tensor) -> Tensor:
+        return self.c_noise_scale * self.sigma(t)
+
+    def c_in(self, sigma_tilde: Tensor) -> Tensor:
+        """``1 / (1 + sigma~) = alpha``: the net sees ``x_t = (1 - s) x~``, as flow nets expect."""
+        return 1 / (1 + _as_float64(sigma_tilde))
+
+    def prior_std(self, sigma_tilde: float) -> float:
+        """``x_T ~ N(0, I)`` in x-space: ``x~ = x_T / alpha`` has std ``1 + sigma~``."""
+        return 1.0 + sigma_tilde
+
+    def sample_t(self, batch_size: int, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu") -> Tensor:
+        """u from :attr:`density` as diffusers draws it (in float32), clamped to [t_min, t_max]."""
+        draw_device = generator.device if generator is not None else device
+        if self.density == "logit_normal":
+            normal = torch.normal(mean=self.logit_mean, std=self.logit_std, size=(batch_size,),
+                                  generator=generator, device=draw_device, dtype=torch.float32)
+            t = torch.sigmoid(normal.to(torch.float64))
+        else:
+            uniform = torch.rand(batch_size, generator=generator, device=draw_device,
+                                 dtype=torch.float32).to(torch.float64)
+            if self.density == "mode":
+                t = 1 - uniform - self.mode_scale * (
+                    torch.cos(math.pi * uniform / 2) ** 2 - 1 + uniform)
+            elif self.density == "cosmap":
+                t = 1 - 1 / (torch.tan(math.pi * uniform / 2) + 1)
+            else:
+                t = uniform
+        return t.clamp(self._t_min, self._t_max).to(device)
+
+    def __repr__(self) -> str:
+        arguments: dict[str, object] = dict(num_train_timesteps=self._num_train_timesteps)
+        if self.use_dynamic_shifting:
+            arguments.update(use_dynamic_shifting=True, image_seq_len=self.image_seq_len,
+                             base_image_seq_len=self.base_image_seq_len,
+                             max_image_seq_len=self.max_image_seq_len,
+                             base_shift=self.base_shift, max_shift=self.max_shift,
+                             time_shift_type=self.time_shift_type)
+        else:
+            arguments.update(shift=self._static_shift)
+        arguments.update(density=self.density)
+        if self.density == "logit_normal":
+            arguments.update(logit_mean=self.logit_mean, logit_std=self.logit_std)
+        elif self.density == "mode":
+            arguments.update(mode_scale=self.mode_scale)
+        arguments.update(t_min=self._t_min, t_max=self._t_max, sigma_data=self.sigma_data)
+        return _constructor_repr(self, **arguments)

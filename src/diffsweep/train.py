@@ -1,4 +1,4 @@
-"""``run(cfg)`` behind ``train.py``: build data, model, schedule, sampler, callbacks, loggers; fit."""
+"""``run(cfg)`` behind ``train.py``: assemble the run (:mod:`diffsweep.assembly`), resume, fit."""
 
 from __future__ import annotations
 
@@ -9,26 +9,16 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffsweep.callbacks.ema import EMA
-from diffsweep.checkpoints import (build_module_from_config, check_compatible,
-                                   find_resume_checkpoint, read_checkpoint)
-from diffsweep.hydra_utils import (hydra_choices, hydra_signature, instantiate_dict,
-                                   print_config_tree, run_config_dict)
-from diffsweep.module import DiffusionModule, count_parameters
+from diffsweep.assembly import (build_callbacks, build_datamodule, build_loggers, build_module,
+                                build_trainer, check_shapes)
+from diffsweep.checkpoints import check_compatible, find_resume_checkpoint, read_checkpoint
+from diffsweep.hydra_utils import hydra_signature, print_config_tree
+from diffsweep.module import count_parameters
 from diffsweep.resume import run_status
 
 log = logging.getLogger(__name__)
-
-
-def build_module(cfg: DictConfig, image_shape: tuple[int, int, int]) -> DiffusionModule:
-    """The DiffusionModule for ``cfg``; the resolved config (and image shape) goes into checkpoints."""
-    config = run_config_dict(cfg)
-    config["image_shape"] = list(image_shape)
-    config["choices"] = hydra_choices()
-    return build_module_from_config(config)
 
 
 def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
@@ -49,28 +39,6 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
     return ckpt_path
 
 
-def default_strategy(trainer_cfg: DictConfig) -> dict[str, Any]:
-    """``strategy: auto`` with several devices -> our multirun-safe DDP (else Lightning's choice).
-
-    So ``python train.py trainer.devices=4`` (no ``trainer=ddp``) runs DDP whose ranks rebuild the
-    Hydra job instead of re-running the command line (Lightning #11300).
-    """
-    devices = trainer_cfg.get("devices", 1)
-    many = (isinstance(devices, int) and devices > 1) or (
-        OmegaConf.is_list(devices) and len(devices) > 1) or (
-        isinstance(devices, str) and devices.isdigit() and int(devices) > 1)
-    if trainer_cfg.get("strategy", "auto") == "auto" and many:
-        from diffsweep.launch import HydraDDPStrategy
-
-        return {"strategy": HydraDDPStrategy()}
-    return {}
-
-
-def order_callbacks(callbacks: list[L.Callback]) -> list[L.Callback]:
-    """EMA first: its ``on_train_end`` must copy the averaged weights before others sample."""
-    return sorted(callbacks, key=lambda cb: not isinstance(cb, EMA))
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one configuration; returns the final callback metrics as floats."""
     output_dir = Path(cfg.paths.output_dir)
@@ -81,17 +49,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
 
-    datamodule = instantiate(cfg.data)
-    module = build_module(cfg, datamodule.image_shape)
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg)
+    check_shapes(module, datamodule)
     log.info("Model: %s with %.2fM parameters; schedule %s; sampler %s",
              type(module.net).__name__, count_parameters(module.net) / 1e6, module.schedule,
              module.sampler)
 
-    callbacks = order_callbacks(instantiate_dict(cfg.get("callbacks"), "callbacks")
-                                + instantiate_dict(cfg.get("metrics"), "metrics"))
-    loggers = instantiate_dict(cfg.get("logger"), "logger")
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                     **default_strategy(cfg.trainer))
+    loggers = build_loggers(cfg)
+    trainer: L.Trainer = build_trainer(cfg, build_callbacks(cfg), loggers)
     for logger in loggers:
         logger.log_hyperparams(module.config)
 

@@ -10,6 +10,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torchvision.utils import save_image
 
+from diffsweep.files import atomic_writer
+from diffsweep.generate import generate
 from diffsweep.loggers import log_image
 from diffsweep.samplers import Sampler
 
@@ -26,11 +28,9 @@ def decode_to_images(trainer: L.Trainer, samples: torch.Tensor) -> torch.Tensor:
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> Path:
     """Write images in [-1, 1] (N, C, H, W) as one PNG grid, atomically; returns ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     nrow = nrow or max(1, int(round(images.shape[0] ** 0.5)))
-    partial = path.with_name(path.stem + ".partial.png")
-    save_image((images.float().cpu() + 1) / 2, partial, nrow=nrow, padding=1)
-    partial.replace(path)
+    with atomic_writer(path) as handle:
+        save_image((images.float().cpu() + 1) / 2, handle, format="png", nrow=nrow, padding=1)
     return path
 
 
@@ -60,8 +60,13 @@ class SampleGrid(Callback):
     def _grid(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
         if not trainer.is_global_zero:  # only rank 0 writes the grid; sampling has no collectives
             return
+        if self.sampler is None and pl_module.sampler is None:
+            raise ValueError("callbacks.sample_grid has no sampler and the module has none "
+                             "(module.sampler); set one of them.")
         generator = torch.Generator().manual_seed(self.seed)
-        samples = pl_module.sample(self.sampler, self.num_samples, generator=generator)
+        samples = generate(pl_module.denoiser, self.sampler or pl_module.sampler, self.num_samples,
+                           pl_module.image_shape, generator=generator,
+                           **pl_module.sampling_options())
         images = decode_to_images(trainer, samples)
         path = save_grid(images, self.output_dir / "samples" / f"{name}.png")
         self.last_path = path

@@ -1,22 +1,23 @@
 """Shared pieces of the image data layer: the source interface, an in-memory dataset, helpers.
 
 An *image source* knows how to find/decode one kind of data (scikit-learn digits, a folder of
-image files, MNIST idx files) and returns a map-style ``torch.utils.data.Dataset`` per split whose
-items are ``(x, label)``: ``x`` float32 ``(C, H, W)`` in ``[-1, 1]``, ``label`` int64 scalar
-(``-1`` when the data has no labels). The :class:`~diffsweep.data.datamodule.ImageDataModule`
-turns any source into Lightning dataloaders.
+image files, MNIST idx files, CIFAR-10 batches, VAE latents of another source) and returns a
+map-style ``torch.utils.data.Dataset`` per split whose items are ``(x, label)``: ``x`` float32
+``(C, H, W)`` in model space (images in ``[-1, 1]``), ``label`` int64 scalar (``-1`` when the data
+has no labels). The :class:`~diffsweep.data.datamodule.ImageDataModule` turns any source into
+Lightning dataloaders.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from abc import ABC, abstractmethod
 from typing import Any, Sequence
 
 import torch
 from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import default_collate
+
+from diffsweep.files import stable_hash
 
 SPLITS: tuple[str, ...] = ("train", "val")
 
@@ -55,9 +56,8 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor,
 
 
 def fingerprint_of(**fields: Any) -> str:
-    """sha256 hex digest of a JSON encoding (sorted keys) of ``fields``."""
-    blob = json.dumps(fields, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()
+    """sha256 hex digest of a JSON encoding (sorted keys) of ``fields`` (:func:`stable_hash`)."""
+    return stable_hash(fields)
 
 
 def uint8_to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -73,10 +73,15 @@ class ImageSource(ABC):
         (nothing is read from disk in ``__init__``).
       * ``prepare()`` does one-time work that must run on one process only (downloads).
       * ``load(split, augment)`` returns a Dataset of ``(x, label)``: x float32 ``(C, R, R)`` in
-        ``[-1, 1]``, label int64 scalar (-1 = unlabeled). ``augment`` enables train-time random
+        model space, label int64 scalar (-1 = unlabeled). ``augment`` enables train-time random
         transforms (only sources that have any use it). Results may be cached by the source.
       * ``fingerprint(split)`` is a sha256 hex string over the source name, split, resolution,
-        channels, item count, every option that changes pixels, and a cheap content digest.
+        channels, item count, every option that changes what ``load`` serves, and a cheap content
+        digest.
+      * ``decode(x)`` maps model-space batches ``(B, C, R, R)`` to images in ``[-1, 1]`` of
+        ``pixel_source``'s shape (a clamp for pixel sources).
+      * ``pixel_source`` is the source whose images ``decode`` produces (``self`` for pixel
+        sources); FID's real images and fingerprints come from it.
     """
 
     name: str = "source"
@@ -92,7 +97,16 @@ class ImageSource(ABC):
 
     @abstractmethod
     def fingerprint(self, split: str) -> str:
-        """Stable sha256 hex digest identifying the pixels of ``split`` (see class contract)."""
+        """Stable sha256 hex digest identifying what ``load(split)`` serves (see class contract)."""
+
+    @property
+    def pixel_source(self) -> "ImageSource":
+        """The source of the images that :meth:`decode` reproduces: this one, for pixel data."""
+        return self
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Model space -> images in ``[-1, 1]``: for pixel data just a clamp."""
+        return x.clamp(-1.0, 1.0)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(channels={self.channels}, resolution={self.resolution})"

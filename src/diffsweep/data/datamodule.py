@@ -1,4 +1,5 @@
-"""``ImageDataModule``: one LightningDataModule for every image source (digits, folders, MNIST...)."""
+"""``ImageDataModule``: one LightningDataModule for every source (digits, folders, MNIST, CIFAR-10,
+VAE latents of any of them)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,16 @@ from diffsweep.data.sampling import GlobalBatchSampler, ResumableDataLoader
 class ImageDataModule(pl.LightningDataModule):
     """Dataloaders over an :class:`~diffsweep.data.base.ImageSource` (injected by Hydra).
 
-    Batches are ``[x, label]``: x float32 ``(B, C, H, W)`` in ``[-1, 1]``, label int64 ``(B,)``
-    (-1 when unlabeled). ``channels``, ``resolution`` and ``image_shape`` (C, H, W) are set in
-    ``__init__`` from the source (nothing is read from disk before ``prepare_data``/``setup``).
+    Batches are ``[x, label]``: x float32 ``(B, C, H, W)`` in model space (images in ``[-1, 1]``,
+    or scaled VAE latents for a :class:`~diffsweep.data.latents.LatentSource`), label int64
+    ``(B,)`` (-1 when unlabeled). ``channels``, ``resolution`` and ``image_shape`` (C, H, W) are the
+    model-space shape, ``pixel_shape`` that of the images ``decode`` returns; all are set in
+    ``__init__`` from the source (no dataset is read before ``prepare_data``/``setup``).
+
+    Training batches for every source come from :class:`~diffsweep.data.sampling.GlobalBatchSampler`
+    through a :class:`~diffsweep.data.sampling.ResumableDataLoader`: the same global batches for any
+    number of processes, and a resumed run continues at the same data position. Datasets marked
+    ``epoch_indexed`` (latent posterior samples) get ``(epoch, index)`` pairs from the sampler.
 
     Args:
         source: where images come from.
@@ -71,6 +79,9 @@ class ImageDataModule(pl.LightningDataModule):
         self.channels: int = int(source.channels)
         self.resolution: int = int(source.resolution)
         self.image_shape: tuple[int, int, int] = (self.channels, self.resolution, self.resolution)
+        pixels = source.pixel_source
+        self.pixel_shape: tuple[int, int, int] = (int(pixels.channels), int(pixels.resolution),
+                                                  int(pixels.resolution))
         self.world_size: int = 1
         self.rank: int = 0
         self.per_rank_batch_size: int = self.batch_size
@@ -135,7 +146,8 @@ class ImageDataModule(pl.LightningDataModule):
                 "data.batch_size or set data.drop_last=false")
         sampler = GlobalBatchSampler(len(ds), self.per_rank_batch_size, self.world_size,
                                      self.rank, shuffle=self.shuffle, drop_last=self.drop_last,
-                                     seed=self.seed)
+                                     seed=self.seed,
+                                     with_epoch=bool(getattr(ds, "epoch_indexed", False)))
         return ResumableDataLoader(
             ds, sampler=sampler, batches_done=self._batches_done,
             batch_size=self.per_rank_batch_size, drop_last=False,
@@ -155,9 +167,9 @@ class ImageDataModule(pl.LightningDataModule):
 
     # -- contract API ------------------------------------------------------------------------
     def dataset(self, split: str, augment: bool | None = None) -> Dataset:
-        """Dataset of ``(x (C,H,W) float32 in [-1, 1], label int64)`` for ``split``
-        (``train``/``val``). ``augment`` (train-time random transforms such as flips) defaults
-        to ``split == "train"``. Cached."""
+        """Dataset of model-space ``(x (C,H,W) float32, label int64)`` for ``split``
+        (``train``/``val``). ``augment`` (train-time random transforms such as flips, posterior
+        sampling for latents) defaults to ``split == "train"``. Cached."""
         check_split(split)
         aug = (split == "train") if augment is None else bool(augment)
         key = (split, aug)
@@ -165,14 +177,21 @@ class ImageDataModule(pl.LightningDataModule):
             self._datasets[key] = self.source.load(split, augment=aug)
         return self._datasets[key]
 
+    def pixel_dataset(self, split: str) -> Dataset:
+        """Dataset of ``(image (C,H,W) float32 in [-1, 1], label int64)`` of ``split`` without
+        augmentation: the images :meth:`decode` reproduces (for latents, the encoded images)."""
+        return self.source.pixel_source.load(check_split(split), augment=False)
+
     def fingerprint(self, split: str = "train") -> str:
-        """sha256 hex string naming source, split, resolution, channels, count and content
-        (stable across runs and machines; changes when any of them changes)."""
-        return self.source.fingerprint(check_split(split))
+        """sha256 hex string naming the *pixel* images of ``split`` (source, split, resolution,
+        channels, count and content; stable across runs and machines). For latents it is the
+        encoded images' fingerprint, so FID statistics are shared with pixel-space runs."""
+        return self.source.pixel_source.fingerprint(check_split(split))
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Model space -> images in ``[-1, 1]``: for image data just a clamp."""
-        return x.clamp(-1.0, 1.0)
+        """Model space ``(B, *image_shape)`` -> images ``(B, *pixel_shape)`` in ``[-1, 1]``: a clamp
+        for pixel data, the VAE decoder for latents (on ``x.device``)."""
+        return self.source.decode(x)
 
     def real_images(
         self,
@@ -182,13 +201,14 @@ class ImageDataModule(pl.LightningDataModule):
         rank: int = 0,
         world_size: int = 1,
     ) -> Iterator[torch.Tensor]:
-        """Yield float32 ``(B, C, H, W)`` batches in ``[-1, 1]`` of ``split`` in a fixed order,
-        without augmentation, at most ``max_count`` images in total (None: all).
+        """Yield float32 ``(B, *pixel_shape)`` image batches in ``[-1, 1]`` of ``split`` (of
+        :meth:`pixel_dataset`: for latents, the encoded images) in a fixed order, at most
+        ``max_count`` images in total (None: all).
 
         ``rank``/``world_size`` shard those images (every ``world_size``-th one starting at
         ``rank``) so DDP ranks can each feed a disjoint part to a metric that syncs across ranks.
         """
-        ds = self.dataset(split, augment=False)
+        ds = self.pixel_dataset(split)
         n = len(ds) if max_count is None else min(int(max_count), len(ds))
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -16,6 +14,7 @@ from diffsweep.data.base import (
     fingerprint_of,
     split_indices,
 )
+from diffsweep.files import bytes_sha256
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
@@ -92,7 +91,7 @@ class DigitsSource(ImageSource):
         raw (pre-resize) bytes of the split's images."""
         images, _ = self._raw_arrays()
         idx = self._indices(split).numpy()
-        content = hashlib.sha256(np.ascontiguousarray(images[idx]).tobytes()).hexdigest()
+        content = bytes_sha256(np.ascontiguousarray(images[idx]).tobytes())
         return fingerprint_of(
             source=self.name,
             split=split,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,12 +21,14 @@ from diffsweep.data.base import (
     split_indices,
     uint8_to_unit,
 )
+from diffsweep.files import bytes_sha256
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
 )
 ON_CORRUPT = ("skip", "fail")
 MAX_LISTED = 5  # corrupt files named in the warning
+ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 
 
 def find_images(root: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:
@@ -44,22 +45,41 @@ def find_images(root: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> lis
     return sorted(found)
 
 
+def _integer_grey_to_l(im: Image.Image) -> Image.Image:
+    """16-bit (``I;16*``) or 32-bit integer (``I``) greyscale -> 8-bit ``L``, mapping the 16-bit
+    range 0..65535 linearly onto 0..255 (PIL's own ``convert("L")`` clips at 255 instead)."""
+    values = np.asarray(im).astype(np.int64)
+    return Image.fromarray(np.clip((values + 128) // 257, 0, 255).astype(np.uint8), mode="L")
+
+
+def to_display_mode(im: Image.Image, channels: int) -> Image.Image:
+    """Any PIL mode -> ``RGB`` (``channels=3``) or ``L`` (``channels=1``), 8 bits per channel.
+
+    16-bit and 32-bit integer greyscale (``I;16``, ``I;16B``, ``I``) is read as 16-bit data and
+    scaled to 8 bits; palette images (``P``) are expanded, with their transparency; alpha
+    (``RGBA``, ``LA``, ``PA``, palette transparency) is composited over white.
+    """
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        im = _integer_grey_to_l(im)
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ALPHA_MODES:
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return im.convert("RGB" if channels == 3 else "L")
+
+
 def load_image(path: Path | str, resolution: int, channels: int) -> torch.Tensor:
     """Decode one file to uint8 ``(C, R, R)``.
 
-    First frame only (GIF/TIFF stacks), EXIF orientation applied, transparency composited over
-    white, converted to ``RGB`` (C=3) or ``L`` (C=1), shorter side resized to ``resolution``
-    (PIL bicubic, antialiased when shrinking), then center-cropped to ``R x R``.
+    First frame only (GIF/TIFF stacks), EXIF orientation applied, converted by
+    :func:`to_display_mode` (16-bit scaled to 8, palettes expanded, transparency composited over
+    white) to ``RGB`` (C=3) or ``L`` (C=1), shorter side resized to ``resolution`` (PIL bicubic,
+    antialiased when shrinking), then center-cropped to ``R x R``.
     """
     with Image.open(path) as im:
         im.seek(0)
-        im = ImageOps.exif_transpose(im)
-        if im.mode == "P" and "transparency" in im.info:
-            im = im.convert("RGBA")
-        if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-            rgba = im.convert("RGBA")
-            im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        im = im.convert("RGB" if channels == 3 else "L")
+        im = to_display_mode(ImageOps.exif_transpose(im), channels)
     w, h = im.size
     scale = resolution / min(w, h)
     nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
@@ -253,10 +273,10 @@ class ImageFolderSource(ImageSource):
         """sha256 over name, split, resolution, channels, count, split parameters and a digest of
         the split's file list with sizes and mtimes (no pixels are read)."""
         files, _ = self._split_files(split)
-        h = hashlib.sha256()
+        listing = []
         for f in files:
             st = (self.root / f).stat()
-            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            listing.append(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         return fingerprint_of(
             source=self.name,
             split=split,
@@ -265,7 +285,7 @@ class ImageFolderSource(ImageSource):
             val_fraction=self.val_fraction,
             split_seed=self.split_seed,
             count=len(files),
-            content=h.hexdigest(),
+            content=bytes_sha256(*listing),
         )
 
     def __repr__(self) -> str:

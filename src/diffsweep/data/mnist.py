@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from diffsweep.data.base import (
     check_split,
     fingerprint_of,
 )
+from diffsweep.files import bytes_sha256
 
 RESIZE_MODES = ("pad", "resize")
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -156,7 +156,7 @@ class MNISTSource(ImageSource):
     def fingerprint(self, split: str) -> str:
         """sha256 over name, split, resolution, resize_mode, count and the raw idx bytes."""
         images, labels = self._raw_arrays(split)
-        content = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
+        content = bytes_sha256(np.ascontiguousarray(images).tobytes())
         return fingerprint_of(
             source=self.name,
             split=split,

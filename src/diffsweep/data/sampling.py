@@ -5,14 +5,25 @@ Epoch ``e`` visits ``perm_e = randperm(n, seed + e)``; global batch ``k`` is
 ``global_batch[r::W]``. So a 2-process run sees exactly the global batches of a 1-process run, and
 a run resumed mid-epoch continues with the batch after the last one it trained on (Lightning stores
 the position through :class:`ResumableDataLoader`'s ``state_dict``).
+
+Datasets whose items depend on the epoch (posterior samples of VAE latents) set the class
+attribute ``epoch_indexed = True``; the sampler then yields :class:`EpochIndex` pairs, so the epoch
+travels with every index to the dataset, in worker processes too.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+class EpochIndex(NamedTuple):
+    """A dataset index with the epoch it is drawn in (for ``epoch_indexed`` datasets)."""
+
+    epoch: int
+    index: int
 
 
 class GlobalBatchSampler(DistributedSampler):
@@ -29,15 +40,17 @@ class GlobalBatchSampler(DistributedSampler):
         drop_last: drop the last incomplete global batch (else it is split as evenly as possible;
             a last batch with fewer items than ranks is always dropped).
         seed: base seed of the permutations.
+        with_epoch: yield :class:`EpochIndex` ``(epoch, index)`` pairs instead of plain indices.
     """
 
     def __init__(self, num_items: int, per_rank_batch_size: int, world_size: int = 1,
                  rank: int = 0, shuffle: bool = True, drop_last: bool = True,
-                 seed: int = 0) -> None:
+                 seed: int = 0, with_epoch: bool = False) -> None:
         self.num_items = int(num_items)
         self.per_rank_batch_size = int(per_rank_batch_size)
         self.num_replicas, self.rank = int(world_size), int(rank)
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, int(seed)
+        self.with_epoch = bool(with_epoch)
         self.epoch = 0
         self._skip_batches = 0
         self.global_batch_size = self.per_rank_batch_size * self.num_replicas
@@ -54,10 +67,15 @@ class GlobalBatchSampler(DistributedSampler):
             batches.pop()
         return batches
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int] | Iterator[EpochIndex]:
         skip, self._skip_batches = self._skip_batches, 0
-        for batch in self._global_batches(self.epoch)[skip:]:
-            yield from batch[self.rank::self.num_replicas].tolist()
+        epoch = self.epoch
+        for batch in self._global_batches(epoch)[skip:]:
+            indices = batch[self.rank::self.num_replicas].tolist()
+            if self.with_epoch:
+                yield from (EpochIndex(epoch, index) for index in indices)
+            else:
+                yield from indices
 
     def __len__(self) -> int:
         batches = self._global_batches(self.epoch)

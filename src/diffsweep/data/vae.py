@@ -1,9 +1,8 @@
 """A lazily-loaded, frozen VAE (diffusers ``AutoencoderKL``) for latent diffusion.
 
 ``LatentVAE`` is deliberately *not* an ``nn.Module``: it is held by the
-:class:`~diffsweep.data.latents.LatentDataModule`, outside the LightningModule tree, so that
-Lightning's ``EMAWeightAveraging`` neither averages nor copies it, and it never lands in a
-checkpoint.
+:class:`~diffsweep.data.latents.LatentSource` (on the DataModule), outside the LightningModule
+tree, so that EMA neither averages nor copies it, and it never lands in a checkpoint.
 
 diffusers is an optional dependency (``pip install -e ".[latent]"``). It is imported only when a
 ``LatentVAE`` needs it (the ``.config`` of a pretrained VAE, or the model itself); importing this
@@ -19,14 +18,13 @@ Latent convention (the one diffusers pipelines use)::
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from diffsweep.files import stable_hash, tensors_sha256
 from diffsweep.hydra_utils import to_plain
 
 __all__ = ["LatentVAE", "require_diffusers", "IGNORED_CONFIG_KEYS"]
@@ -48,10 +46,6 @@ def require_diffusers() -> Any:
             'pip install -e ".[latent]"   (or: pip install "diffusers>=0.30,<1" safetensors)'
         ) from err
     return AutoencoderKL
-
-
-def _stable_hash(obj: Any, n: int = 16) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
 class LatentVAE:
@@ -217,7 +211,7 @@ class LatentVAE:
             for k, v in self.config.items()
             if not k.startswith("_") and k not in IGNORED_CONFIG_KEYS
         }
-        return _stable_hash(cfg)
+        return stable_hash(cfg, 16)
 
     # ------------------------------------------------------------------ model (lazy)
     @property
@@ -256,12 +250,7 @@ class LatentVAE:
     def weights_hash(self) -> str:
         """sha256 over all parameter/buffer names, dtypes, shapes and bytes (loads the model)."""
         if self._weights_hash is None:
-            h = hashlib.sha256()
-            for key, tensor in sorted(self.model.state_dict().items()):
-                t = tensor.detach().to("cpu").contiguous()
-                h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-            self._weights_hash = h.hexdigest()[:16]
+            self._weights_hash = tensors_sha256(self.model.state_dict(), include_layout=True)[:16]
         return self._weights_hash
 
     def identity(self) -> dict[str, Any]:

@@ -1,14 +1,13 @@
-"""Metrics: FID with cached real statistics and pluggable feature extractors."""
-from .features import (EXTRACTORS, INCEPTION_ENV, INCEPTION_FILENAME, INCEPTION_URL,
-                       ClassifierFeatureExtractor, FeatureExtractor, InceptionFeatureExtractor,
-                       InceptionWeightsError, TinyFeatureExtractor, build_feature_extractor)
-from .fid import (FrechetDistance, GaussianStats, compute_stats, extract_features,
-                  frechet_distance, load_or_compute_real_stats)
+"""FID without Lightning: the evaluator, its feature extractors and the real-statistics cache.
 
-__all__ = [
-    "EXTRACTORS", "INCEPTION_ENV", "INCEPTION_FILENAME", "INCEPTION_URL",
-    "ClassifierFeatureExtractor", "FeatureExtractor", "InceptionFeatureExtractor",
-    "InceptionWeightsError", "TinyFeatureExtractor", "build_feature_extractor",
-    "FrechetDistance", "GaussianStats", "compute_stats", "extract_features", "frechet_distance",
-    "load_or_compute_real_stats",
-]
+- :mod:`~diffsweep.metrics.evaluator`: ``FIDEvaluator`` (prepare, update, compute, evaluate) and
+  ``resolve_pairs``;
+- :mod:`~diffsweep.metrics.extractors`: one file per extractor (``inception``, ``tiny``,
+  ``classifier``), each built by ``<Extractor>.build(datamodule=, cache_dir=, **options)``;
+- :mod:`~diffsweep.metrics.frechet`: the Fréchet distance and ``GaussianStats``;
+- :mod:`~diffsweep.metrics.metric`: ``FrechetDistance``, the torchmetrics metric (syncs over DDP);
+- :mod:`~diffsweep.metrics.real_stats`: real statistics, computed once and cached.
+
+Nothing here imports Lightning; the training-time timing lives in
+:mod:`diffsweep.callbacks.fid`. Import from the submodules (this package imports nothing).
+"""

@@ -1,0 +1,183 @@
+"""Real-image feature statistics, computed once and cached.
+
+Statistics are keyed by (cache version, dataset fingerprint, split, image shape, extractor
+identity incl. its weights hash, image count) and stored as ``.npz`` with the key inside, written
+atomically (:func:`diffsweep.files.atomic_write_bytes`). A cache file that cannot be read, holds
+non-finite values or was computed under another key is recomputed (with a warning), never reused.
+
+With ``world_size > 1`` (``torch.distributed`` initialised) the ranks agree on whether every one
+of them found a valid cache; if not, each extracts the features of its shard of the real images
+(``datamodule.real_images(..., rank=, world_size=)``), the float64 sums are all-reduced, and rank
+0 writes the cache. Every rank must then call :func:`load_or_compute_real_stats`.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from diffsweep.files import atomic_write_bytes, stable_hash
+from diffsweep.metrics.extractors.base import extract_features, image_chunks, module_device
+from diffsweep.metrics.frechet import GaussianStats
+
+log = logging.getLogger(__name__)
+
+#: bump when the statistics or the file layout change
+CACHE_VERSION = 1
+
+
+def real_stats_key(datamodule: Any, split: str, extractor: nn.Module,
+                   max_count: int | None) -> dict:
+    """What the cached real statistics depend on."""
+    return {"version": CACHE_VERSION, "dataset": datamodule.fingerprint(split), "split": split,
+            "image_shape": [int(s) for s in getattr(datamodule, "pixel_shape", datamodule.image_shape)],
+            "extractor": extractor.identity, "max_count": max_count}
+
+
+def key_json(key: dict) -> str:
+    """The canonical JSON of a key, stored inside the cache file."""
+    return json.dumps(key, sort_keys=True)
+
+
+def real_stats_path(cache_dir: str | os.PathLike, key: dict) -> Path:
+    """``<cache_dir>/real-<extractor kind>-<split>-<16 hex of the key's hash>.npz``."""
+    kind = str(key["extractor"]).split(":")[0].split("-")[0]
+    return Path(cache_dir).expanduser() / f"real-{kind}-{key['split']}-{stable_hash(key, 16)}.npz"
+
+
+def save_stats(path: str | os.PathLike, stats: GaussianStats) -> None:
+    """Atomically write ``stats`` (and its key) as ``.npz``."""
+    buffer = io.BytesIO()
+    np.savez(buffer, mean=stats.mean.cpu().numpy(), cov=stats.cov.cpu().numpy(),
+             count=np.array(stats.count, dtype=np.int64), key=np.array(stats.key))
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_stats(path: str | os.PathLike, expected_key: str | None = None) -> GaussianStats:
+    """Read and validate cached statistics.
+
+    Raises:
+        ValueError: (with the reason) when the file is unreadable, inconsistent, non-finite or
+            was computed under another key than ``expected_key``.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            mean, cov = np.asarray(archive["mean"]), np.asarray(archive["cov"])
+            count, key = int(archive["count"]), str(archive["key"])
+    except Exception as error:  # noqa: BLE001 - truncated zip, missing arrays, garbage...
+        raise ValueError(f"unreadable ({type(error).__name__}: {error})") from error
+    if expected_key is not None and key != expected_key:
+        raise ValueError(f"fingerprint mismatch: cached {key}, expected {expected_key}")
+    d = mean.shape[0] if mean.ndim == 1 else -1
+    if d < 1 or cov.shape != (d, d):
+        raise ValueError(f"bad shapes mean {mean.shape}, cov {cov.shape}")
+    if count < 2 or not (np.isfinite(mean).all() and np.isfinite(cov).all()):
+        raise ValueError("non-finite values or count < 2")
+    return GaussianStats(torch.from_numpy(mean).double(), torch.from_numpy(cov).double(), count,
+                         key)
+
+
+@torch.no_grad()
+def feature_sums(extractor: nn.Module, batches: Iterable[Tensor], batch_size: int = 250,
+                 device: torch.device | str | None = None) -> tuple[Tensor, Tensor, int]:
+    """``(sum f (D,), sum f f^T (D, D), n)`` in float64 on ``device`` over batches of ``[-1, 1]``
+    images (zeros and 0 for no images)."""
+    device = torch.device(device) if device is not None else module_device(extractor)
+    d = int(extractor.num_features)
+    total = torch.zeros(d, dtype=torch.float64, device=device)
+    outer = torch.zeros(d, d, dtype=torch.float64, device=device)
+    count = 0
+    for chunk in image_chunks(batches, batch_size):
+        features = extract_features(extractor, chunk, batch_size, device)
+        total += features.sum(0)
+        outer += features.T @ features
+        count += features.shape[0]
+    return total, outer, count
+
+
+@torch.no_grad()
+def compute_stats(extractor: nn.Module, batches: Iterable[Tensor], batch_size: int = 250,
+                  device: torch.device | str | None = None, key: str = "") -> GaussianStats:
+    """Statistics (on the CPU) of the features of batches of ``[-1, 1]`` images."""
+    total, outer, count = feature_sums(extractor, batches, batch_size, device)
+    if count == 0:
+        raise ValueError("No real images to compute FID statistics from.")
+    return GaussianStats.from_sums(total.cpu(), outer.cpu(), count, key)
+
+
+def _distributed(world_size: int) -> bool:
+    if world_size <= 1:
+        return False
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise RuntimeError(f"world_size={world_size} needs torch.distributed to be initialised "
+                           "(every rank computes its shard of the real statistics).")
+    return True
+
+
+def _try_load(path: Path, expected_key: str) -> GaussianStats | None:
+    if not path.exists():
+        return None
+    try:
+        return load_stats(path, expected_key)
+    except ValueError as error:
+        log.warning("FID: cached real statistics %s are invalid (%s); recomputing.", path, error)
+        return None
+
+
+def load_or_compute_real_stats(datamodule: Any, extractor: nn.Module,
+                               cache_dir: str | os.PathLike, split: str = "train",
+                               max_count: int | None = None, batch_size: int = 250,
+                               device: torch.device | str | None = None, rank: int = 0,
+                               world_size: int = 1) -> GaussianStats:
+    """Real statistics (on the CPU) for (datamodule, split, extractor), from the cache when valid.
+
+    ``datamodule`` needs ``fingerprint(split)``, ``image_shape`` and ``real_images(split,
+    max_count, batch_size=, rank=, world_size=)``. ``max_count``: at most this many real images
+    (None: all). With ``world_size > 1`` every rank must call this (see the module docstring).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}.")
+    key = real_stats_key(datamodule, split, extractor, max_count)
+    expected = key_json(key)
+    path = real_stats_path(cache_dir, key)
+    device = torch.device(device) if device is not None else module_device(extractor)
+    distributed = _distributed(world_size)
+    stats = _try_load(path, expected)
+    if distributed:  # compute unless every rank has a valid cache (all ranks take the same path)
+        loaded = torch.tensor(int(stats is not None), device=device)
+        torch.distributed.all_reduce(loaded, op=torch.distributed.ReduceOp.MIN)
+        if not int(loaded):
+            stats = None
+    if stats is not None:
+        log.info("FID: real statistics loaded from %s (%d images, %s)", path, stats.count,
+                 key["extractor"])
+        return stats
+    log.info("FID: computing real statistics for %s [%s] with %s (rank %d of %d)...",
+             key["dataset"], split, key["extractor"], rank, world_size)
+    batches = datamodule.real_images(split, max_count, batch_size=batch_size, rank=rank,
+                                     world_size=world_size)
+    total, outer, count = feature_sums(extractor, batches, batch_size, device)
+    if distributed:
+        counts = torch.tensor(count, dtype=torch.float64, device=device)
+        for tensor in (total, outer, counts):
+            torch.distributed.all_reduce(tensor)
+        count = int(counts.item())
+    if count == 0:
+        raise ValueError(f"No real images in split {split!r} to compute FID statistics from.")
+    stats = GaussianStats.from_sums(total.cpu(), outer.cpu(), count, expected)
+    if rank == 0:
+        save_stats(path, stats)
+        log.info("FID: real statistics (%d images) cached at %s", stats.count, path)
+    return stats
+
+
+__all__ = ["CACHE_VERSION", "compute_stats", "feature_sums", "key_json",
+           "load_or_compute_real_stats", "load_stats", "real_stats_key", "real_stats_path",
+           "save_stats"]

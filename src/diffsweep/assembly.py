@@ -82,11 +82,11 @@ def build_datamodule(config: DictConfig | dict[str, Any]) -> L.LightningDataModu
     return instantiate(data if isinstance(data, DictConfig) else OmegaConf.create(data))
 
 
-def check_shapes(module: DiffusionModule, datamodule: L.LightningDataModule) -> None:
-    """Refuse a module whose sample shape differs from what the data serves (model space)."""
-    served = tuple(int(size) for size in getattr(datamodule, "image_shape", module.image_shape))
-    if tuple(module.image_shape) != served:
-        raise ValueError(f"module.image_shape={list(module.image_shape)} but the data serves "
+def check_shapes(image_shape: tuple[int, ...], datamodule: L.LightningDataModule) -> None:
+    """Refuse a model whose sample shape differs from what the data serves (model space)."""
+    served = tuple(int(size) for size in getattr(datamodule, "image_shape", image_shape))
+    if tuple(image_shape) != served:
+        raise ValueError(f"module.image_shape={list(image_shape)} but the data serves "
                          f"{list(served)} (C, H, W); keep model/data channels and resolution equal "
                          f"(they follow data.channels and data.resolution by default).")
 

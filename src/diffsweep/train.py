@@ -51,7 +51,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule = build_datamodule(cfg)
     module = build_module(cfg)
-    check_shapes(module, datamodule)
+    check_shapes(module.image_shape, datamodule)
     log.info("Model: %s with %.2fM parameters; schedule %s; sampler %s",
              type(module.net).__name__, count_parameters(module.net) / 1e6, module.schedule,
              module.sampler)

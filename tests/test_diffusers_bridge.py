@@ -246,7 +246,6 @@ def test_schedule_tables_equal_diffusers_and_export_back(config):
     ({"_class_name": "ScoreSdeVeScheduler"}, ["ScoreSdeVeScheduler", "VE", "allowed"]),
     ({"_class_name": "LCMScheduler"}, ["LCMScheduler", "no discrete VP", "allowed"]),
     ({"beta_schedule": "sigmoid"}, ["beta_schedule='sigmoid'", "squaredcos_cap_v2"]),
-    ({"thresholding": True}, ["thresholding=true", "allowed: false"]),
     ({"prediction_type": "flow_prediction"}, ["prediction_type='flow_prediction'", "epsilon"]),
     ({"_class_name": "DPMSolverMultistepScheduler", "use_flow_sigmas": True},
      ["use_flow_sigmas=true", "flow matching"]),
@@ -341,6 +340,24 @@ def test_unsupported_models_are_refused(tmp_path):
         load_pretrained(latent)
 
 
+@pytest.mark.parametrize("clipping", [{"clip_sample": True, "clip_sample_range": 0.5},
+                                      {"thresholding": True, "dynamic_thresholding_ratio": 0.9,
+                                       "sample_max_value": 1.5}])
+def test_scheduler_clipping_is_adopted_and_matches_the_ddim_pipeline(tmp_path, clipping):
+    scheduler = diffusers.DDIMScheduler(**SMALL_NOISE, **{"clip_sample": False, **clipping})
+    pipe = diffusers.DDIMPipeline(tiny_unet(), scheduler)
+    pm = load_pretrained(save_pipeline(pipe, tmp_path / "pipe"))
+    sampler = pm.adapt_sampler(Sampler("ddim", 10))
+    assert all(sampler.options[key] == value for key, value in clipping.items())
+    ours = generate(pm.denoiser, sampler, 4, pm.image_shape, generator=seeded(0))
+    theirs = pipe(batch_size=4, generator=seeded(0), num_inference_steps=10, eta=0.0,
+                  output_type="pt").images
+    assert_images_match(ours, theirs)
+    unclipped = generate(pm.denoiser, Sampler("ddim", 10, spacing="leading"), 4, pm.image_shape,
+                         generator=seeded(0))
+    assert not torch.allclose(unclipped, ours, atol=1e-3)  # the clipping really bound
+
+
 def test_adapt_sampler_only_fills_auto(tmp_path):
     scheduler = diffusers.DDIMScheduler(timestep_spacing="leading", steps_offset=1)
     pm = load_pretrained(save_pipeline(diffusers.DDIMPipeline(tiny_unet(), scheduler),
@@ -348,8 +365,11 @@ def test_adapt_sampler_only_fills_auto(tmp_path):
     explicit = Sampler("heun", 5, "karras")
     assert pm.adapt_sampler(explicit) is explicit
     adapted = pm.adapt_sampler(Sampler("ddim", 7, eta=0.5))
-    assert (adapted.spacing, adapted.steps_offset, adapted.num_steps, adapted.options) == (
-        "leading", 1, 7, {"eta": 0.5})
+    assert (adapted.spacing, adapted.steps_offset, adapted.num_steps) == ("leading", 1, 7)
+    assert adapted.options == {"eta": 0.5, "clip_sample": True, "clip_sample_range": 1.0,
+                               "thresholding": False, "dynamic_thresholding_ratio": 0.995,
+                               "sample_max_value": 1.0}  # DDIMScheduler's clipping defaults
+    assert "clip_sample" not in pm.adapt_sampler(Sampler("euler", 7)).options
     row = pm.row_fields()
     assert row["pretrained"] == pm.info["source"]
     assert row["pretrained_scheduler_class"] == "DDIMScheduler"

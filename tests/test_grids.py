@@ -134,9 +134,9 @@ def test_auto_spacing_is_leading_for_discrete_and_karras_for_continuous():
 
 def test_unknown_spacing_names_choices():
     with pytest.raises(ValueError, match="leading.*karras"):
-        sigma_grid(DiscreteVPSchedule(), 10, "quadratic")
+        sigma_grid(DiscreteVPSchedule(), 10, "cubic")
     with pytest.raises(ValueError, match="auto"):
-        Sampler("euler", 10, "quadratic")
+        Sampler("euler", 10, "cubic")
 
 
 @pytest.mark.parametrize("num_steps", [0, -3])
@@ -161,8 +161,8 @@ def test_discrete_spacing_on_continuous_schedule(schedule):
 
 
 def test_spacings_listed():
-    assert set(SPACINGS) == {"auto", "leading", "trailing", "linspace", "linspace_frac", "karras",
-                             "uniform_t", "log_snr"}
+    assert set(SPACINGS) == {"auto", "leading", "trailing", "linspace", "linspace_frac",
+                             "quadratic", "karras", "uniform_t", "log_snr"}
 
 
 # ----------------------------------------------------------------------------- num_steps: one check
@@ -203,11 +203,15 @@ def test_too_many_steps_names_the_key():
 
 @pytest.mark.parametrize("spacing", DISCRETE_SPACINGS)
 def test_discrete_timesteps_have_num_steps_distinct_indices_for_every_count(spacing):
-    """1 <= num_steps <= N: exactly num_steps indices, strictly decreasing, inside [0, N - 1]."""
+    """1 <= num_steps <= N: exactly num_steps indices, strictly decreasing (quadratic: DDIM's
+    own repeats, non-increasing), inside [0, N - 1]."""
     for num_steps in range(1, 1001):
         timesteps = discrete_timesteps(1000, num_steps, spacing)
         assert timesteps.shape == (num_steps,), num_steps
-        assert bool((timesteps[:-1] > timesteps[1:]).all()), num_steps
+        if spacing == "quadratic":
+            assert bool((timesteps[:-1] >= timesteps[1:]).all()), num_steps
+        else:
+            assert bool((timesteps[:-1] > timesteps[1:]).all()), num_steps
         assert 0 <= float(timesteps.min()) and float(timesteps.max()) <= 999, num_steps
 
 
@@ -230,3 +234,15 @@ def test_trailing_grids_where_diffusers_overshoots_have_num_steps_plus_one_sigma
     sigmas = sigma_grid(DiscreteVPSchedule(**SCHEDULES[name]), num_steps, "trailing")
     assert sigmas.shape == (num_steps + 1,) and sigmas[-1] == 0
     assert bool((sigmas[:-1] > sigmas[1:]).all())
+
+
+def test_quadratic_spacing_is_the_ddim_papers_cifar10_tau():
+    """DDIM's code: ``seq = [int(s) for s in np.linspace(0, np.sqrt(N * 0.8), S) ** 2]``."""
+    reference = [int(s) for s in np.linspace(0, np.sqrt(1000 * 0.8), 10) ** 2][::-1]
+    assert discrete_timesteps(1000, 10, "quadratic").tolist() == reference
+    hundred = discrete_timesteps(1000, 100, "quadratic")
+    assert hundred[0] == 800 and hundred[-1] == 0 and len(hundred) == 100
+    assert bool((hundred[:-1] >= hundred[1:]).all())  # non-increasing ...
+    assert len(set(hundred.tolist())) == 96  # ... with DDIM's 4 repeated small indices
+    sampler = Sampler("ddim", num_steps=100, spacing="quadratic")
+    assert sampler.nfe == 100  # counted as DDIM's S

@@ -10,10 +10,14 @@ Lightning's resume alike (:class:`AtomicCheckpointIO`).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import pickle
+import re
+import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -34,6 +38,89 @@ ARCHITECTURE_KEYS = ("model", "scheduler", "module.denoiser.prediction_type")
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint was trained with a different model/schedule than the config asks for."""
+
+
+class StateDictMismatchError(CheckpointMismatchError):
+    """A checkpoint's weights do not fit the model: one line naming the first differing tensors
+    (``details`` keeps torch's full report)."""
+
+    def __init__(self, message: str, details: str = "") -> None:
+        super().__init__(message)
+        self.details = details
+
+
+class CheckpointDiskFullError(OSError):
+    """A checkpoint write ran out of disk space; the previous file at that path is unchanged."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+#: How many differing tensors a state-dict mismatch names.
+MISMATCH_EXAMPLES = 3
+#: Likely causes, for the two places a state dict is loaded.
+STORED_CONFIG_CAUSE = ("its weights and its stored diffsweep_config disagree (an edited "
+                       "checkpoint, or one written by another version of the net's code)")
+RESUME_CAUSE = ("it was trained with a different model config (model.*, data.channels, "
+                "data.resolution, model.num_classes): rerun with the training run's overrides, "
+                "or start a new run without ckpt_path")
+
+_SIZE_MISMATCH = re.compile(r"size mismatch for ([^:\s]+): copying a param with shape "
+                            r"torch\.Size\(\[([^\]]*)\]\) from checkpoint, the shape in current "
+                            r"model is torch\.Size\(\[([^\]]*)\]\)")
+_KEY_LIST = re.compile(r"(Missing|Unexpected) key\(s\) in state_dict: ((?:\"[^\"]*\"(?:, )?)+)")
+
+
+def summarize_state_dict_error(error: BaseException) -> str | None:
+    """One line from torch's ``load_state_dict`` RuntimeError (one line per tensor, often
+    hundreds): the count of shape mismatches, missing and unexpected keys, each with its first
+    few names (and shapes, checkpoint vs model). None if ``error`` is not such an error."""
+    text = str(error)
+    if not isinstance(error, RuntimeError) or "Error(s) in loading state_dict" not in text:
+        return None
+    parts = []
+    sizes = _SIZE_MISMATCH.findall(text)
+    if sizes:
+        shown = ", ".join(f"{key} checkpoint [{old}] vs model [{new}]"
+                          for key, old, new in sizes[:MISMATCH_EXAMPLES])
+        more = ", ..." if len(sizes) > MISMATCH_EXAMPLES else ""
+        parts.append(f"{len(sizes)} tensor(s) differ in shape ({shown}{more})")
+    for kind, listed in _KEY_LIST.findall(text):
+        keys = re.findall(r'"([^"]*)"', listed)
+        more = ", ..." if len(keys) > MISMATCH_EXAMPLES else ""
+        where = "missing from the checkpoint" if kind == "Missing" else "not in the model"
+        parts.append(f"{len(keys)} key(s) {where} ({', '.join(keys[:MISMATCH_EXAMPLES])}{more})")
+    return "; ".join(parts) if parts else text.splitlines()[0]
+
+
+def state_dict_mismatch_error(error: BaseException, source: str,
+                              likely_cause: str = RESUME_CAUSE) -> StateDictMismatchError | None:
+    """The one-line :class:`StateDictMismatchError` for torch's load_state_dict ``error`` of the
+    checkpoint ``source``, or None if ``error`` is another error."""
+    summary = summarize_state_dict_error(error)
+    if summary is None:
+        return None
+    return StateDictMismatchError(f"Checkpoint {source} does not fit the model: {summary}. "
+                                  f"Likely {likely_cause}.", details=str(error))
+
+
+@contextlib.contextmanager
+def explain_state_dict_errors(source: str | Path | None,
+                              likely_cause: str = RESUME_CAUSE) -> Iterator[None]:
+    """Turn torch's load_state_dict RuntimeError raised in the block (e.g. Lightning restoring
+    ``ckpt_path`` inside ``trainer.fit``) into a one-line :class:`StateDictMismatchError` naming
+    ``source``; other errors pass unchanged. ``source=None``: no checkpoint, nothing to explain."""
+    try:
+        yield
+    except RuntimeError as error:
+        explained = state_dict_mismatch_error(error, str(source), likely_cause) if source else None
+        if explained is None:
+            raise
+        raise explained from None  # torch's report is in .details; it would bury the message
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -118,7 +205,8 @@ def module_from_checkpoint(checkpoint: dict[str, Any], weights: str = "ema",
     if weights == "raw" and "current_model_state" in checkpoint:
         state_key = "current_model_state"
     module = build_module(cfg)
-    module.load_state_dict(strip_compile_prefix(checkpoint[state_key]))
+    with explain_state_dict_errors(source, STORED_CONFIG_CAUSE):
+        module.load_state_dict(strip_compile_prefix(checkpoint[state_key]))
     return module.eval()
 
 
@@ -133,7 +221,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path,
                         storage_options: Any | None = None) -> None:
-        atomic_torch_save(checkpoint, path)
+        """Write ``checkpoint`` atomically; a full disk raises :class:`CheckpointDiskFullError`
+        naming the path and the free space, with the previous file at ``path`` unchanged."""
+        try:
+            atomic_torch_save(checkpoint, path)
+        except OSError as error:
+            if not _is_disk_full(error):
+                raise
+            raise CheckpointDiskFullError(disk_full_message(path)) from error
 
     def load_checkpoint(self, path: str | Path,
                         map_location: Callable[..., Any] | None = lambda storage, loc: storage,
@@ -141,6 +236,28 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not Path(path).is_file():
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
         return load_weights_only(path, map_location=map_location)
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def disk_full_message(path: str | Path) -> str:
+    """One line for a checkpoint write to ``path`` that ran out of space (free space measured
+    after the partial file was removed)."""
+    path = Path(path)
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    kept = "the previous checkpoint there is unchanged" if path.exists() else "no file was left"
+    return (f"No space left on device writing checkpoint {path} ({free} on its file system); "
+            f"{kept}. Free disk space or set callbacks.model_checkpoint.dirpath=<a folder on a "
+            f"disk with space>, then rerun the same command to resume.")
 
 
 def find_resume_checkpoint(directory: str | Path) -> Path | None:

@@ -18,11 +18,13 @@ diffusers' schedulers pass, and ``c_in x~`` is exactly ``x_t``.
 
 Sampler-side keys of the scheduler config do not define the model and are not used by the
 denoiser: ``timestep_spacing`` and ``steps_offset`` become the defaults of
-:meth:`PretrainedModel.adapt_sampler`; ``clip_sample`` / ``set_alpha_to_one`` / ``variance_type``
+:meth:`PretrainedModel.adapt_sampler`, and so do ``clip_sample`` / ``clip_sample_range`` /
+``thresholding`` / ``dynamic_thresholding_ratio`` / ``sample_max_value`` for the ``ddim`` and
+``ddpm`` samplers (which apply them as diffusers does); ``set_alpha_to_one`` / ``variance_type``
 and the solver options are reported in ``info``. What has no discrete-VP meaning is refused with
 a one-line ValueError naming the key, its value and what is allowed: flow-matching, EDM and VE
-schedulers, unknown ``beta_schedule``, ``thresholding``, continuous timesteps, learned-variance
-outputs, text-conditional UNets.
+schedulers, unknown ``beta_schedule``, continuous timesteps, learned-variance outputs,
+text-conditional UNets.
 
 Loading executes no code: configs are JSON, weights are safetensors or ``.bin`` files read with
 ``torch.load(weights_only=True)`` (a pickle that would run code is refused).
@@ -43,7 +45,7 @@ from diffsweep.denoiser import Denoiser
 from diffsweep.files import file_sha256, stable_hash
 from diffsweep.nets.diffusers_unet import DiffusersUNet, require_diffusers
 from diffsweep.samplers import Sampler
-from diffsweep.schedules import BETA_SCHEDULES, DiscreteVPSchedule, rescale_zero_terminal_snr
+from diffsweep.schedules import BETA_SCHEDULES, DiscreteVPSchedule
 
 log = logging.getLogger(__name__)
 
@@ -101,20 +103,10 @@ class TrainedBetasVPSchedule(DiscreteVPSchedule):
                              f"{tuple(betas.shape)}.")
         if not bool(((betas >= 0) & (betas < 1)).all()):
             raise ValueError("trained_betas must lie in [0, 1).")
-        super().__init__("linear", len(betas), rescale_betas_zero_snr=rescale_betas_zero_snr)
-        self.beta_start = self.beta_end = None  # not a linear table: the betas are given
-        if rescale_betas_zero_snr:
-            betas = rescale_zero_terminal_snr(betas)
         self.beta_schedule = "trained_betas"
+        self.beta_start = self.beta_end = None  # not a linear table: the betas are given
         self.trained_betas = [float(beta) for beta in trained_betas]
-        self.betas = betas.to(torch.float64)
-        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0).to(torch.float64)
-        alphas_cumprod = self.alphas_cumprod.clone()
-        if rescale_betas_zero_snr:
-            alphas_cumprod[-1] = 2.0**-24
-        self.sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
-        increasing = bool((self.sigmas[1:] > self.sigmas[:-1]).all())
-        self._monotone_len = len(betas) if increasing else len(betas) - 1
+        self._set_betas(betas, rescale_betas_zero_snr)
 
     def __repr__(self) -> str:
         return (f"TrainedBetasVPSchedule(N={self.num_train_timesteps}, "
@@ -140,9 +132,6 @@ def check_scheduler_config(config: Mapping[str, Any]) -> None:
     if config.get("use_flow_sigmas"):
         raise ValueError("scheduler use_flow_sigmas=true is refused: flow matching is not "
                          "supported yet; allowed: false.")
-    if config.get("thresholding"):
-        raise ValueError("scheduler thresholding=true is refused: diffsweep's samplers do not "
-                         "threshold x0 (dynamic thresholding); allowed: false.")
     trained = config.get("trained_betas")
     schedule = config.get("beta_schedule", "linear")
     if trained is None and schedule not in BETA_SCHEDULES:
@@ -215,7 +204,7 @@ def scheduler_config(schedule: DiscreteVPSchedule, prediction_type: str,
                      beta_range: tuple[float, float] | None = None) -> dict[str, Any]:
     """The diffusers scheduler config that reproduces ``schedule`` (the inverse of
     :func:`schedule_from_config`): named beta schedules as such, :class:`TrainedBetasVPSchedule`
-    as ``trained_betas``; ``clip_sample=False`` (diffsweep's samplers never clip).
+    as ``trained_betas``; ``clip_sample=False`` (exported samples are unclipped, as diffsweep samples by default).
 
     ``beta_range``: the ``(beta_start, beta_end)`` the schedule was built with (a
     DiscreteVPSchedule does not keep them); when None they are read from the schedule's
@@ -479,7 +468,7 @@ class PretrainedModel:
         info: flat values for results rows and loggers: ``source``, ``scheduler_class``,
             ``prediction_type``, ``num_train_timesteps``, ``beta_schedule``, ``beta_start``,
             ``beta_end``, ``rescale_betas_zero_snr``, ``timestep_spacing``, ``steps_offset``,
-            ``clip_sample`` (diffusers clips x0 when true; diffsweep's samplers never do),
+            the x0 clipping keys of :data:`CLIP_KEYS` (applied by ``adapt_sampler``),
             ``num_classes``, ``parameters``, ``weights`` (file names), ``weights_sha256``,
             ``fingerprint`` (a stable hash of the schedule config and weights).
     """
@@ -509,8 +498,17 @@ class PretrainedModel:
         if spacing == "linspace" and self.info["scheduler_class"] in FRACTIONAL_LINSPACE:
             spacing = "linspace_frac"
         offset = self.info["steps_offset"] if spacing == "leading" else sampler.steps_offset
+        options = dict(sampler.options)
+        if sampler.method_name in CLIPPING_SAMPLERS:
+            options.update({key: self.info[key] for key in CLIP_KEYS})
         return Sampler(sampler.method_name, sampler.num_steps, spacing, sampler.rho, offset,
-                       **sampler.options)
+                       **options)
+
+
+#: The scheduler config's x0 clipping keys and diffusers' defaults; ``ddim`` and ``ddpm`` take them.
+CLIP_KEYS: dict[str, Any] = {"clip_sample": False, "clip_sample_range": 1.0, "thresholding": False,
+                             "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0}
+CLIPPING_SAMPLERS = ("ddim", "ddpm")
 
 
 def load_pretrained(folder: PathLike, scheduler: PathLike | None = None,
@@ -538,11 +536,6 @@ def load_pretrained(folder: PathLike, scheduler: PathLike | None = None,
     net = load_net(folder, variant)
     prediction_type = full.get("prediction_type", "epsilon")
     denoiser = Denoiser(net, schedule, prediction_type).eval()
-    if full.get("clip_sample"):
-        log.warning("%s has clip_sample=true: diffusers' pipeline clips x0 to [-%s, %s] at every "
-                    "step; diffsweep's samplers do not, so samples differ from that pipeline's.",
-                    config_path, full.get("clip_sample_range", 1.0),
-                    full.get("clip_sample_range", 1.0))
     weights_sha256 = stable_hash([file_sha256(path) for path in files])
     info = {
         "source": str(folder),
@@ -556,7 +549,7 @@ def load_pretrained(folder: PathLike, scheduler: PathLike | None = None,
         "rescale_betas_zero_snr": schedule.rescale_betas_zero_snr,
         "timestep_spacing": full.get("timestep_spacing", "leading"),
         "steps_offset": int(full.get("steps_offset", 0) or 0),
-        "clip_sample": bool(full.get("clip_sample", False)),
+        **{key: type(default)(full.get(key, default)) for key, default in CLIP_KEYS.items()},
         "num_classes": net.num_classes,
         "parameters": sum(p.numel() for p in net.parameters()),
         "weights": ";".join(path.name for path in files),

@@ -186,28 +186,27 @@ def unet2d_state_dict(net: UNet) -> dict[str, Tensor]:
     }
     if net.class_embed is not None:
         state["class_embedding.weight"] = net.class_embed.weight
-    level, index = 0, 0
-    for block in net.down:
-        if isinstance(block[0], Downsample):
-            state[f"down_blocks.{level}.downsamplers.0.conv.weight"] = block[0].conv.weight
-            state[f"down_blocks.{level}.downsamplers.0.conv.bias"] = block[0].conv.bias
-            level, index = level + 1, 0
-            continue
-        _copy_block(state, block, f"down_blocks.{level}", index)
-        index += 1
+    _copy_levels(state, net.down, "down_blocks", Downsample, "downsamplers")
     _copy_resblock(state, net.mid[0], "mid_block.resnets.0")
     _copy_attention(state, net.mid[1], "mid_block.attentions.0")
     _copy_resblock(state, net.mid[2], "mid_block.resnets.1")
+    _copy_levels(state, net.up, "up_blocks", Upsample, "upsamplers")
+    return {name: tensor.detach().clone() for name, tensor in state.items()}
+
+
+def _copy_levels(state: dict[str, Tensor], blocks: nn.ModuleList, prefix: str,
+                 resample: type, resample_name: str) -> None:
+    """One path of the UNet (down or up): residual blocks numbered within each level, the level
+    ending at its resampling block."""
     level, index = 0, 0
-    for block in net.up:
-        if isinstance(block[0], Upsample):
-            state[f"up_blocks.{level}.upsamplers.0.conv.weight"] = block[0].conv.weight
-            state[f"up_blocks.{level}.upsamplers.0.conv.bias"] = block[0].conv.bias
+    for block in blocks:
+        if isinstance(block[0], resample):
+            state[f"{prefix}.{level}.{resample_name}.0.conv.weight"] = block[0].conv.weight
+            state[f"{prefix}.{level}.{resample_name}.0.conv.bias"] = block[0].conv.bias
             level, index = level + 1, 0
             continue
-        _copy_block(state, block, f"up_blocks.{level}", index)
+        _copy_block(state, block, f"{prefix}.{level}", index)
         index += 1
-    return {name: tensor.detach().clone() for name, tensor in state.items()}
 
 
 def convert_unet(net: UNet) -> DiffusersUNet:

@@ -7,12 +7,17 @@ sigma~ with the schedule's table (linear interpolation in sigma~ between entries
 - ``leading``, ``trailing``, ``linspace``: ``DDIMScheduler`` / ``DDPMScheduler`` (integer indices;
   ``linspace`` is rounded);
 - ``linspace_frac``: ``EulerDiscreteScheduler`` / Heun / LMS ``linspace`` (fractional indices,
-  float32 ``linspace(0, N-1, n)``, no rounding).
+  float32 ``linspace(0, N-1, n)``, no rounding);
+- ``quadratic``: the DDIM paper's quadratic tau for CIFAR-10 (Song et al. 2021, Appendix D.2;
+  ``int(linspace(0, sqrt(0.8 N), n) ** 2)`` in their code). For large ``n`` it repeats small
+  indices (4 repeats at n = 100, N = 1000): DDIM runs those as identity steps and counts them in
+  its S; here they are zero-length steps that the samplers skip, and ``nfe`` counts S as DDIM's
+  Table 1 does.
 
 ``karras`` (rho = 7), ``uniform_t`` and ``log_snr`` work for any schedule. ``auto`` resolves to
 ``leading`` for discrete schedules and ``karras`` for continuous ones (:func:`resolve_spacing`).
 
-Every grid built here is strictly decreasing for ``1 <= num_steps <= N`` (N training indices); a
+Every grid built here but ``quadratic`` is strictly decreasing for ``1 <= num_steps <= N`` (N training indices); a
 grid a caller builds by hand must be non-increasing (:func:`check_sigma_grid`), and a repeated value
 is a zero-length step, which every sampler skips (see :mod:`diffsweep.samplers`).
 """
@@ -28,7 +33,7 @@ from torch import Tensor
 
 from diffsweep.schedules import NoiseSchedule
 
-DISCRETE_SPACINGS = ("leading", "trailing", "linspace", "linspace_frac")
+DISCRETE_SPACINGS = ("leading", "trailing", "linspace", "linspace_frac", "quadratic")
 CONTINUOUS_SPACINGS = ("karras", "uniform_t", "log_snr")
 SPACINGS = ("auto",) + DISCRETE_SPACINGS + CONTINUOUS_SPACINGS
 
@@ -94,8 +99,10 @@ def discrete_timesteps(num_train_timesteps: int, num_steps: int, spacing: str,
 
     ``leading``: ``arange(num_steps) * (N // num_steps) + steps_offset``; ``trailing``:
     ``round(arange(N, 0, -N / num_steps)) - 1``; ``linspace``: ``round(linspace(0, N - 1, num_steps))``;
-    ``linspace_frac``: float32 ``linspace(0, N - 1, num_steps)`` unrounded (Euler/Heun/LMS).
-    Returns float64 of shape ``(num_steps,)``, strictly decreasing, within ``[0, N - 1]``.
+    ``linspace_frac``: float32 ``linspace(0, N - 1, num_steps)`` unrounded (Euler/Heun/LMS);
+    ``quadratic``: ``floor(linspace(0, sqrt(0.8 N), num_steps) ** 2)`` (DDIM's CIFAR-10 tau).
+    Returns float64 of shape ``(num_steps,)``, within ``[0, N - 1]``, strictly decreasing except
+    for ``quadratic``'s repeated small indices (non-increasing).
 
     ``trailing`` keeps the first ``num_steps`` values of diffusers' ``arange(N, 0, -N / n)``:
     for some step counts (62 of 1..1000 for N = 1000: 61, 103, ..., 769, ..., 998) float rounding
@@ -117,6 +124,8 @@ def discrete_timesteps(num_train_timesteps: int, num_steps: int, spacing: str,
         timesteps = np.linspace(0, n - 1, num_steps).round()[::-1]
     elif spacing == "linspace_frac":
         timesteps = np.linspace(0, n - 1, num_steps, dtype=np.float32)[::-1]
+    elif spacing == "quadratic":
+        timesteps = np.floor(np.linspace(0, np.sqrt(n * 0.8), num_steps) ** 2)[::-1]
     else:
         raise ValueError(f"Spacing {spacing!r} is not a discrete spacing; choose one of "
                          f"{', '.join(DISCRETE_SPACINGS)}.")

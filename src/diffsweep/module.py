@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from diffsweep.denoiser import Denoiser
 from diffsweep.inference import autocast_dtype
-from diffsweep.loss import DenoisingLoss
+from diffsweep.loss import DenoisingLoss, check_formulation
 from diffsweep.samplers import Sampler
 from diffsweep.schedules import NoiseSchedule
 
@@ -144,6 +144,7 @@ class DiffusionModule(L.LightningModule):
         self.sample_compile = bool(sample_compile)
         self.compile_options = dict(compile_options or {})
         self._register_load_state_dict_pre_hook(_rename_legacy_net_keys)
+        check_formulation(self.loss, self.denoiser)  # prediction/schedule/weighting pairs
 
     @property
     def net(self) -> nn.Module:

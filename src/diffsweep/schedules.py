@@ -204,11 +204,16 @@ class DiscreteVPSchedule(NoiseSchedule):
                  rescale_betas_zero_snr: bool = False) -> None:
         if num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}.")
-        betas = discrete_betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
-        if rescale_betas_zero_snr:
-            betas = rescale_zero_terminal_snr(betas)
         self.beta_schedule = beta_schedule
         self.beta_start, self.beta_end = beta_start, beta_end
+        self._set_betas(discrete_betas(beta_schedule, num_train_timesteps, beta_start, beta_end),
+                        rescale_betas_zero_snr)
+
+    def _set_betas(self, betas: Tensor, rescale_betas_zero_snr: bool) -> None:
+        """The tables of a float32 beta table (diffusers' arithmetic), held as float64."""
+        if rescale_betas_zero_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        num_train_timesteps = len(betas)
         self.num_train_timesteps = num_train_timesteps
         self.rescale_betas_zero_snr = rescale_betas_zero_snr
         self.betas = betas.to(torch.float64)

@@ -32,6 +32,34 @@ def ema_decay(step: int, max_decay: float = 0.9999, inv_gamma: float = 1.0,
     return max(min_decay, min(max_decay, value))
 
 
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_ema_arguments(max_decay: float = 0.9999, inv_gamma: float = 1.0, power: float = 2 / 3,
+                        min_decay: float = 0.0, update_every_n_steps: int = 1,
+                        start_step: int = 0, key: str = "callbacks.ema") -> None:
+    """Raise a one-line ValueError naming ``<key>.<argument>``, its value and the allowed range:
+    ``0 <= min_decay <= max_decay < 1``, ``inv_gamma > 0``, ``power > 0``,
+    ``update_every_n_steps >= 1`` and ``start_step >= 0`` (integers)."""
+    if not _is_real(max_decay) or not 0 <= max_decay < 1:
+        raise ValueError(f"{key}.max_decay={max_decay!r} is not allowed: the EMA decay is a number "
+                         f"in [0, 1) (e.g. 0.999; 1 would freeze the average).")
+    if not _is_real(min_decay) or not 0 <= min_decay <= max_decay:
+        raise ValueError(f"{key}.min_decay={min_decay!r} is not allowed: a number in [0, "
+                         f"max_decay={max_decay}].")
+    for name, value in (("inv_gamma", inv_gamma), ("power", power)):
+        if not _is_real(value) or not value > 0:
+            raise ValueError(f"{key}.{name}={value!r} is not allowed: the warmup's {name} is a "
+                             f"number > 0.")
+    if not isinstance(update_every_n_steps, int) or isinstance(update_every_n_steps, bool) \
+            or update_every_n_steps < 1:
+        raise ValueError(f"{key}.update_every_n_steps={update_every_n_steps!r} is not allowed: "
+                         f"an integer >= 1.")
+    if not isinstance(start_step, int) or isinstance(start_step, bool) or start_step < 0:
+        raise ValueError(f"{key}.start_step={start_step!r} is not allowed: an integer >= 0.")
+
+
 class _WarmupEMA:
     """``multi_avg_fn`` for ``AveragedModel``: lerp every averaged tensor towards the current one.
 
@@ -67,6 +95,8 @@ class EMA(WeightAveraging):
     def __init__(self, max_decay: float = 0.9999, inv_gamma: float = 1.0, power: float = 2 / 3,
                  min_decay: float = 0.0, update_every_n_steps: int = 1, start_step: int = 0,
                  device: str | None = None) -> None:
+        check_ema_arguments(max_decay, inv_gamma, power, min_decay, update_every_n_steps,
+                            start_step)
         self._avg_fn = _WarmupEMA()
         super().__init__(device=device, use_buffers=True, multi_avg_fn=self._avg_fn)
         self.max_decay, self.inv_gamma, self.power = max_decay, inv_gamma, power

@@ -86,6 +86,11 @@ class CorruptLatentCacheError(RuntimeError):
     """A latent cache directory has a manifest but its contents do not match it."""
 
 
+class NonFiniteLatentsError(ValueError):
+    """The VAE encoded NaN/inf latents (or ones the storage dtype cannot hold); nothing of that
+    batch was written to the cache."""
+
+
 # ---------------------------------------------------------------------------------------------
 # posterior noise: a function of (seed, epoch, index) alone
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +278,7 @@ class LatentCache:
                     raise ValueError(f"VAE produced latents of shape {tuple(mean.shape[1:])}, "
                                      f"expected {self.latent_shape}")
                 mean_np, std_np = mean.cpu().numpy(), std.cpu().numpy()
+                self._check_finite(mean_np, std_np, vae, images, done)
                 arrays["mean"][done:done + size] = mean_np
                 arrays["std"][done:done + size] = std_np
                 arrays["labels"][done:done + size] = torch.as_tensor(labels).reshape(-1).numpy()
@@ -315,6 +321,29 @@ class LatentCache:
         (self.dir / PROGRESS).unlink(missing_ok=True)
         log.info("latent cache %s: committed %d latents", self.dir, self.count)
         return manifest
+
+    def _check_finite(self, mean: np.ndarray, std: np.ndarray, vae: LatentVAE,
+                      images: torch.Tensor, start: int) -> None:
+        """Refuse a batch (items ``start..``) whose posterior mean/std is NaN/inf or beyond what
+        ``storage_dtype`` holds: a cache of such latents makes every training loss NaN."""
+        items = f"items {start}..{start + mean.shape[0] - 1} of the {self.split} split"
+        for name, values in (("mean", mean), ("std", std)):
+            if not np.isfinite(values).all():
+                source = ("the images themselves hold NaN/inf: check the image data "
+                          "(data.source.images)" if not torch.isfinite(images).all() else
+                          f"the images are finite: check the VAE's weights and compute dtype "
+                          f"(data.source.vae.dtype={vae.dtype_name}; float32 avoids float16 "
+                          f"overflow)")
+                raise NonFiniteLatentsError(
+                    f"VAE {vae.name} encoded a non-finite posterior {name} (NaN/inf) for {items}; "
+                    f"refusing to write them to the latent cache {self.dir}: {source}.")
+        limit = float(np.finfo(STORAGE_DTYPES[self.storage_dtype]).max)
+        largest = max(float(np.abs(mean).max(initial=0.0)), float(np.abs(std).max(initial=0.0)))
+        if largest > limit:
+            raise NonFiniteLatentsError(
+                f"VAE {vae.name} encoded latents up to |{largest:.4g}| for {items}, beyond "
+                f"data.source.storage_dtype={self.storage_dtype} (max {limit:.4g}): they would be "
+                f"stored as inf in {self.dir}; set data.source.storage_dtype=float32.")
 
     def _commit_progress(self, arrays: dict[str, np.memmap], done: int, n_stat: int,
                          acc: dict[str, np.ndarray]) -> None:

@@ -72,3 +72,34 @@ def test_columns_are_the_union_in_first_seen_order(tmp_path):
     results.append_row(path, {"b": 3, "c": 4})
     assert results.read_rows(path) == [{"a": "1", "b": "2", "c": ""},
                                        {"a": "", "b": "3", "c": "4"}]
+
+
+def test_a_rerun_replaces_its_row_in_place_instead_of_appending(tmp_path):
+    path = tmp_path / "results.csv"
+    key = results.EVAL_ROW_KEY
+    first = {"ckpt_path": "runs/a//last.ckpt", "sampler": "ddim", "num_steps": 5, "seed": 0,
+             "fid": 10.0}
+    assert results.append_row(path, first, key=key)
+    assert results.append_row(path, {**first, "sampler": "heun", "fid": 20.0}, key=key)
+    assert results.append_row(path, {**first, "ckpt_path": "runs/a/last.ckpt", "fid": 11.0,
+                                     "fid_seconds": 3}, key=key)  # the same measurement again
+    assert [(r["sampler"], r["fid"], r["fid_seconds"]) for r in results.read_rows(path)] == [
+        ("ddim", "11.0", "3"), ("heun", "20.0", "")]
+    mtime = path.stat().st_mtime_ns
+    again = {**first, "ckpt_path": "runs/a/last.ckpt", "fid": 11.0, "fid_seconds": 3}
+    assert not results.append_row(path, again, key=key)
+    assert path.stat().st_mtime_ns == mtime  # an identical row: nothing written
+    other_seed = {**first, "seed": 1}
+    results.append_row(path, other_seed, key=key)
+    assert [r["seed"] for r in results.read_rows(path)] == ["0", "0", "1"]
+
+
+def test_duplicates_from_earlier_appends_collapse_into_the_rerun_row(tmp_path):
+    path = tmp_path / "results.csv"
+    row = {"ckpt_path": "a.ckpt", "sampler": "ddim", "num_steps": 5, "fid": 1.0}
+    results.append_row(path, row)
+    results.append_row(path, {**row, "fid": 2.0})  # what plain appends did on a rerun
+    results.append_row(path, {"ckpt_path": "b.ckpt", "sampler": "ddim", "num_steps": 5})
+    results.append_row(path, {**row, "fid": 3.0}, key=results.EVAL_ROW_KEY)
+    assert [(r["ckpt_path"], r["fid"]) for r in results.read_rows(path)] == [
+        ("a.ckpt", "3.0"), ("b.ckpt", "")]

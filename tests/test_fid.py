@@ -669,11 +669,14 @@ def test_evaluator_with_plain_denoiser(tmp_path, record_generate):
     assert evaluator.extractor is None and evaluator.real_stats is None  # nothing heavy yet
     pairs = [{"sampler": "ddim", "num_steps": 3}, {"sampler": "heun", "num_steps": 2}]
     results = evaluator.evaluate(denoiser, pairs, dm)
-    assert set(results) == {"fid/ddim_3", "fid/heun_2", "nfe/ddim_3", "nfe/heun_2"}
+    assert set(results) == {f"{metric}/{pair}" for pair in ("ddim_3", "heun_2") for metric in
+                            ("fid", "nfe", "kid", "kid_std", "precision", "recall")}
     assert results["nfe/heun_2"] == 3 and isinstance(results["nfe/ddim_3"], int)
     assert all(np.isfinite(results[k]) and results[k] >= 0 for k in results if k.startswith("fid/"))
+    assert all(0 <= results[f"{m}/ddim_3"] <= 1 for m in ("precision", "recall"))
     assert evaluator.extractor.identity == TinyFeatureExtractor(dim=16).identity
     assert evaluator.real_stats.count == 120
+    assert evaluator.real_stats.features.shape == (120, 16)  # all 120 kept (real_features=10000)
     # generate: this rank's count, the datamodule's shape, the same seed for every pair
     assert [(c["n"], c["sampler"], c["shape"], c["seed"]) for c in record_generate] == [
         (24, "ddim_3", (1, 8, 8), 7), (24, "heun_2", (1, 8, 8), 7)]
@@ -733,7 +736,8 @@ def _evaluator_ddp_worker(rank, world, init_file, out_dir, cache_dir):
     results = evaluator.evaluate(_toy_denoiser(), [Sampler("ddim", 2)], dm, rank=rank,
                                  world_size=world)
     torch.save({"results": results, "real_mean": evaluator.real_stats.mean,
-                "real_cov": evaluator.real_stats.cov, "calls": dm.real_image_calls},
+                "real_cov": evaluator.real_stats.cov, "calls": dm.real_image_calls,
+                "real_features": evaluator.real_stats.features},
                os.path.join(out_dir, f"e{rank}.pt"))
     dist.destroy_process_group()
 
@@ -749,7 +753,8 @@ def test_evaluator_under_gloo_matches_one_process(tmp_path):
              nprocs=2, join=True)
     dm = ToyDataModule(_images(90, seed=2))
     extractor = TinyFeatureExtractor(dim=8)
-    real = load_or_compute_real_stats(dm, extractor, tmp_path / "single", batch_size=4)
+    real = load_or_compute_real_stats(dm, extractor, tmp_path / "single", batch_size=4,
+                                      features=10000)
     from diffsweep.generate import generate
 
     features = []
@@ -759,9 +764,18 @@ def test_evaluator_under_gloo_matches_one_process(tmp_path):
                            (1, 8, 8), generator=generator, batch_size=4)
         features.append(extractor(samples.clamp(-1, 1)).double())
     expected = GaussianStats.from_features(torch.cat(features)).frechet_distance(real)
+    from diffsweep.metrics.fidelity import kernel_inception_distance
+
     for rank in range(2):
         out = torch.load(tmp_path / f"e{rank}.pt")
         assert out["results"]["fid/ddim_2"] == pytest.approx(expected, rel=1e-8)
+        # the ranks' real feature samples are gathered (all 90 kept); KID of all samples
+        shards = out["real_features"]
+        assert shards.shape == (90, 8)
+        torch.testing.assert_close(torch.sort(shards, dim=0).values,
+                                   torch.sort(real.features, dim=0).values)
+        kid, _ = kernel_inception_distance(torch.cat(features), shards, seed=5)
+        assert out["results"]["kid/ddim_2"] == pytest.approx(kid, rel=1e-6)
         torch.testing.assert_close(out["real_mean"], real.mean)
         torch.testing.assert_close(out["real_cov"], real.cov)
         assert [(c["rank"], c["world_size"]) for c in out["calls"]] == [(rank, 2)]
@@ -769,10 +783,141 @@ def test_evaluator_under_gloo_matches_one_process(tmp_path):
     torch.testing.assert_close(real_stats.load_stats(cached).cov, real.cov)
 
 
+def test_kid_and_precision_recall_come_from_the_fid_features(tmp_path):
+    """KID and precision/recall are torch-fidelity's, on the very features FID uses: the
+    generated features of the evaluator's samples against the cached real sample."""
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    from diffsweep.generate import generate
+
+    dm = ToyDataModule(torch.tanh(0.5 + 0.5 * torch.randn(
+        150, 1, 8, 8, generator=torch.Generator().manual_seed(5))))
+    extractor = TinyFeatureExtractor(dim=16)
+    evaluator = FIDEvaluator(extractor, num_samples=40, batch_size=20, seed=3,
+                             cache_dir=str(tmp_path), real_features=100, kid_subsets=7,
+                             kid_subset_size=30, prc_neighborhood=2)
+    results = evaluator.evaluate(_toy_denoiser(), [Sampler("euler", 3)], dm)
+    samples = generate(_toy_denoiser(), Sampler("euler", 3), 40, (1, 8, 8),
+                       generator=torch.Generator().manual_seed(3), batch_size=20)
+    fake = extractor(samples.clamp(-1, 1)).double()
+    real = evaluator.real_stats.features
+    assert real.shape == (100, 16) and real.dtype == torch.float32
+    kid = kid_features_to_metric(fake, real.double(), kid_subsets=7, kid_subset_size=30,
+                                 rng_seed=3, verbose=False)
+    assert results["kid/euler_3"] == pytest.approx(kid["kernel_inception_distance_mean"], rel=1e-5)
+    assert results["kid_std/euler_3"] == pytest.approx(kid["kernel_inception_distance_std"],
+                                                       rel=1e-4)
+    prc = prc_features_to_metric(fake[:40].float(), real[:40], prc_neighborhood=2, verbose=False)
+    assert results["precision/euler_3"] == pytest.approx(prc["precision"])
+    assert results["recall/euler_3"] == pytest.approx(prc["recall"])
+    # a net far from the data: KID up, precision down
+    far = _toy_denoiser()
+    with torch.no_grad():
+        far.net.w.fill_(-2.0)
+    worse = evaluator.evaluate(far, [Sampler("euler", 3)], dm)
+    assert worse["kid/euler_3"] > results["kid/euler_3"]
+    assert worse["precision/euler_3"] <= results["precision/euler_3"]
+    # off: FID alone; too few samples for the k-NN radii: precision/recall left out
+    alone = FIDEvaluator(extractor, num_samples=40, cache_dir=str(tmp_path), kid=False,
+                         precision_recall=False, real_features=0)
+    assert set(alone.evaluate(_toy_denoiser(), [Sampler("euler", 3)], dm)) == {
+        "fid/euler_3", "nfe/euler_3"}
+    few = FIDEvaluator(extractor, num_samples=3, cache_dir=str(tmp_path), prc_neighborhood=3)
+    assert "precision/euler_3" not in few.evaluate(_toy_denoiser(), [Sampler("euler", 3)], dm)
+    with pytest.raises(ValueError, match="real_features must be >= 2"):
+        FIDEvaluator(extractor, real_features=0)
+    with pytest.raises(ValueError, match="kid_subset_size >= 2"):
+        FIDEvaluator(extractor, kid_subset_size=1)
+    with pytest.raises(ValueError, match="prc_neighborhood must be >= 1"):
+        FIDEvaluator(extractor, prc_neighborhood=0)
+
+
+def test_real_feature_sample_is_uniform_reproducible_and_cached(tmp_path):
+    from diffsweep.metrics.real_stats import FeatureReservoir
+
+    rows = torch.arange(1000, dtype=torch.float32)[:, None].repeat(1, 2)
+    everything = FeatureReservoir(2000, seed=0)
+    for chunk in rows.split(64):
+        everything.add(chunk)
+    torch.testing.assert_close(everything.result(), rows)  # room for all: all, in order
+
+    def sample(seed, chunk=37):
+        reservoir = FeatureReservoir(100, seed=seed)
+        for part in rows.split(chunk):
+            reservoir.add(part)
+        return reservoir.result()[:, 0]
+
+    first = sample(0)
+    assert first.shape == (100,) and len(set(first.tolist())) == 100
+    assert torch.equal(first, sample(0)) and not torch.equal(first, sample(1))
+    # uniform: over many seeds every tenth of the stream is kept about equally often
+    kept = torch.cat([sample(seed, chunk=250) for seed in range(200)])
+    per_tenth = torch.bincount((kept // 100).long(), minlength=10).float()
+    assert per_tenth.min() > 0.85 * per_tenth.mean() and per_tenth.max() < 1.15 * per_tenth.mean()
+    # the sample is cached with the statistics; its size is part of the key
+    dm, extractor = ToyDataModule(_images(80)), TinyFeatureExtractor(dim=8)
+    stats = load_or_compute_real_stats(dm, extractor, tmp_path, batch_size=16, features=30)
+    assert stats.features.shape == (30, 8)
+    dm.real_image_calls.clear()
+    again = load_or_compute_real_stats(dm, extractor, tmp_path, batch_size=16, features=30)
+    assert dm.real_image_calls == [] and torch.equal(again.features, stats.features)
+    plain = load_or_compute_real_stats(dm, extractor, tmp_path, batch_size=16)
+    assert plain.features is None and len(list(tmp_path.glob("real-tiny-*.npz"))) == 2
+    torch.testing.assert_close(plain.cov, stats.cov)
+    # a cache that should hold a sample but does not is recomputed
+    key = real_stats.key_json(real_stats.real_stats_key(dm, "train", extractor, None, 30))
+    path = real_stats.real_stats_path(tmp_path, json.loads(key))
+    real_stats.save_stats(path, GaussianStats(stats.mean, stats.cov, stats.count, key))
+    dm.real_image_calls.clear()
+    rebuilt = load_or_compute_real_stats(dm, extractor, tmp_path, batch_size=16, features=30)
+    assert len(dm.real_image_calls) == 1 and torch.equal(rebuilt.features, stats.features)
+
+
+class ConditionalToyNet(ToyNet):
+    """ToyNet whose output depends on the class label (label ``num_classes`` = unconditional)."""
+
+    num_classes = 3
+
+    def forward(self, x, c_noise, class_labels=None):
+        if class_labels is None:
+            class_labels = torch.full((x.shape[0],), self.num_classes)
+        return torch.tanh(self.w + 0.5 * x + 0.3 * class_labels.view(-1, 1, 1, 1).float())
+
+
+def test_guidance_scale_samples_balanced_labels_over_all_ranks(tmp_path, record_generate):
+    """With guidance_scale, sample i (counted over all ranks) gets label i % num_classes and
+    the scale goes to generate; without it, no labels. Unconditional nets refuse a scale."""
+    from diffsweep.metrics.evaluator import balanced_labels
+
+    assert balanced_labels(7, 3).tolist() == [0, 1, 2, 0, 1, 2, 0]
+    assert balanced_labels(3, 3, start=4).tolist() == [1, 2, 0]
+    dm = ToyDataModule(_images(40))
+    conditional = Denoiser(ConditionalToyNet(), DiscreteVPSchedule(), prediction_type="sample")
+    evaluator = FIDEvaluator(TinyFeatureExtractor(dim=8), num_samples=10, batch_size=5,
+                             cache_dir=str(tmp_path))
+    evaluator.prepare(dm)
+    for rank in range(3):
+        evaluator.update(conditional, [Sampler("euler", 2)], image_shape=(1, 8, 8), rank=rank,
+                         world_size=3, guidance_scale=2.0)
+    labels = torch.cat([call["class_labels"] for call in record_generate])
+    assert labels.tolist() == balanced_labels(10, 3).tolist()  # shares 4 + 3 + 3, contiguous
+    assert {call["guidance_scale"] for call in record_generate} == {2.0}
+    record_generate.clear()
+    evaluator.update(conditional, [Sampler("euler", 2)], image_shape=(1, 8, 8))
+    assert "class_labels" not in record_generate[0]
+    guided = evaluator.evaluate(conditional, [Sampler("euler", 2)], dm, guidance_scale=2.0)
+    plain = evaluator.evaluate(conditional, [Sampler("euler", 2)], dm, guidance_scale=1.0)
+    assert guided["fid/euler_2"] != plain["fid/euler_2"]
+    with pytest.raises(ValueError, match="guidance_scale=2.0 needs a class-conditional net"):
+        evaluator.update(_toy_denoiser(), [Sampler("euler", 2)], image_shape=(1, 8, 8),
+                         guidance_scale=2.0)
+
+
 # --------------------------------------------------------------------------------------------
 # callback
 # --------------------------------------------------------------------------------------------
-def _toy_lightning(tmp_path, fid_first: bool, **fid_kwargs):
+def _toy_lightning(tmp_path, fid_first: bool, max_steps: int = -1, **fid_kwargs):
     import lightning as L
     from lightning.pytorch.callbacks import EMAWeightAveraging
     from torch.utils.data import DataLoader
@@ -818,7 +963,7 @@ def _toy_lightning(tmp_path, fid_first: bool, **fid_kwargs):
     ema = EMAWeightAveraging(decay=0.5)
     module, dm = ToyModule(), DM()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=2, limit_train_batches=3,
-                        limit_val_batches=1, num_sanity_val_steps=1,
+                        max_steps=max_steps, limit_val_batches=1, num_sanity_val_steps=1,
                         callbacks=[fid, ema] if fid_first else [ema, fid],
                         logger=L.pytorch.loggers.CSVLogger(tmp_path), enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
@@ -827,35 +972,68 @@ def _toy_lightning(tmp_path, fid_first: bool, **fid_kwargs):
 
 @pytest.mark.parametrize("fid_first", [True, False])
 def test_fid_callback_in_trainer(tmp_path, fid_first, record_generate):
+    """max_steps=5 with 3 batches per epoch: FID at the validation of step 3 and, on the final
+    EMA weights, at train end (step 5 is not validated), whatever the callback order."""
     import csv
 
-    trainer, module, dm, fid, ema = _toy_lightning(tmp_path, fid_first)
+    import yaml
+
+    trainer, module, dm, fid, ema = _toy_lightning(tmp_path, fid_first, max_steps=5)
     trainer.fit(module, datamodule=dm)
-    # 2 validation epochs x 2 pairs + train end x 2 pairs; none during the sanity check
-    assert len(record_generate) == 6
+    # 1 validation epoch x 2 pairs + train end x 2 pairs; none during the sanity check
+    assert len(record_generate) == 4
     assert {c["sampler"] for c in record_generate} == {"ddim_5", "heun_3"}
     assert all(c["n"] == 64 and c["seed"] == 0 for c in record_generate)
     # validation samples with EMA weights swapped into the module's own net
-    assert all(c["net"] is module.denoiser.net for c in record_generate[:4])
+    assert all(c["net"] is module.denoiser.net for c in record_generate[:2])
     # the extractor/metrics never enter the module (EMA would average/copy them)
     assert all("extractor" not in k and "metric" not in k and not k.endswith(("w1", "w2", "proj"))
                for k in module.state_dict())
-    assert set(fid.results) == {"fid/ddim_5", "fid/heun_3", "nfe/ddim_5", "nfe/heun_3"}
+    assert set(fid.results) == {f"{metric}/{pair}" for pair in ("ddim_5", "heun_3") for metric in
+                                ("fid", "nfe", "kid", "kid_std", "precision", "recall")}
     assert fid.results["nfe/heun_3"] == 5 and fid.results["nfe/ddim_5"] == 5
     # final FID used the EMA weights, whatever the callback order
     ema_w = float(ema._average_model.module.denoiser.net.w.detach().mean())
     assert record_generate[-1]["w"] == pytest.approx(ema_w)
     # EMA after FID: its on_train_end has not copied the weights in yet -> its averaged copy
     final_net = ema._average_model.module.denoiser.net if fid_first else module.denoiser.net
-    assert all(c["net"] is final_net for c in record_generate[4:])
+    assert all(c["net"] is final_net for c in record_generate[2:])
     assert record_generate[0]["w"] != pytest.approx(ema_w)  # the weights moved in between
     with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert sum(bool(r["fid/ddim_5"]) for r in rows) == 3  # 2 validation epochs + train end
-    assert {float(r["nfe/heun_3"]) for r in rows if r["nfe/heun_3"]} == {5.0}
+    assert sum(bool(r["fid/ddim_5"]) for r in rows) == 2  # validation + train end
+    assert sum(bool(r["kid/heun_3"]) and bool(r["recall/heun_3"]) for r in rows) == 2
+    # NFE is constant: logged once, as a hyperparameter, not as a metric series
+    assert not any(key.startswith("nfe/") for key in rows[0])
+    hparams = yaml.safe_load((Path(trainer.logger.log_dir) / "hparams.yaml").read_text())
+    assert hparams["fid_pairs"]["heun_3"] == {"sampler": "heun", "num_steps": 3, "nfe": 5}
+    assert float(trainer.callback_metrics["nfe/heun_3"]) == 5
     assert float(trainer.callback_metrics["fid/ddim_5"]) == pytest.approx(fid.results["fid/ddim_5"])
     assert len(list((tmp_path / "fid").glob("real-tiny-train-*.npz"))) == 1
-    assert fid.state_dict() == {"val_epochs": 2}
+    assert fid.state_dict() == {"val_epochs": 1}
+
+
+def test_fid_of_a_validated_last_step_is_not_computed_again(tmp_path, record_generate):
+    """Validation at steps 3 and 6 = the last step: train end reuses the step-6 values (the same
+    EMA weights), logged once; they equal a fresh evaluation of the final weights."""
+    import csv
+
+    trainer, module, dm, fid, ema = _toy_lightning(tmp_path, False)
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 6
+    assert len(record_generate) == 4  # 2 validation epochs x 2 pairs, nothing at train end
+    assert all(c["net"] is module.denoiser.net for c in record_generate)
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sum(bool(r["fid/ddim_5"]) for r in rows) == 2
+    assert float(trainer.callback_metrics["fid/ddim_5"]) == pytest.approx(fid.results["fid/ddim_5"])
+    # the EMA callback copied the averaged weights in at train end: the same weights scored
+    record_generate.clear()
+    fresh = fid.evaluator.evaluate(module.denoiser, fid.pairs, dm)
+    assert record_generate[-1]["w"] == pytest.approx(
+        float(ema._average_model.module.denoiser.net.w.detach().mean()))
+    for key in ("fid/ddim_5", "fid/heun_3", "kid/ddim_5", "precision/heun_3"):
+        assert fresh[key] == pytest.approx(fid.results[key], rel=1e-6)
 
 
 def test_fid_callback_every_n_and_evaluate(tmp_path, record_generate):

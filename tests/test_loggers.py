@@ -50,3 +50,244 @@ def test_wandb_tags_name_the_chosen_scheduler_and_sampler(train_config, tmp_path
     logger = loggers.wandb_logger(save_dir=str(tmp_path), project="p", tags=["mine"])
     tags = logger._wandb_init["tags"]
     assert "mine" in tags and "scheduler:cosine" in tags and "sampler:heun" in tags
+
+
+# ------------------------------------------------------------------------------ resumes, names
+import csv as _csv  # noqa: E402
+import json  # noqa: E402
+
+import torch  # noqa: E402
+from omegaconf import OmegaConf, open_dict, read_write  # noqa: E402
+
+
+def _csv_rows(path):
+    with open(path, newline="") as handle:
+        return list(_csv.DictReader(handle))
+
+
+def _pairs(rows, step_key="step"):
+    """[(step, key)] of every value in logged rows (CSV rows or W&B history rows); ``epoch``
+    left out (Lightning adds it to every log call, train and validation alike)."""
+    return [(int(float(row[step_key])), key) for row in rows for key, value in row.items()
+            if key not in (step_key, "epoch") and not key.startswith("_")
+            and value not in ("", None)]
+
+
+def test_csv_logger_appends_across_attempts_and_keeps_each_step_once(tmp_path):
+    """A second attempt in the same folder (a rerun after a kill) keeps every row of the first,
+    drops a row the kill cut short, and writes only (step, metric) pairs not yet in the file."""
+    first = loggers.ResumableCSVLogger(tmp_path, name="csv", version="")
+    for step in range(6):
+        first.log_metrics({"train/loss": 1.0 + step}, step=step)
+    first.log_metrics({"val/loss": 0.5}, step=4)
+    path = tmp_path / "csv" / "metrics.csv"
+    assert len(_csv_rows(path)) == 7  # flushed at every call (a kill loses nothing logged)
+    with open(path, "a") as handle:
+        handle.write("7,9.")  # killed mid-append
+    # the rerun resumes from an earlier checkpoint: steps 3..8 are logged again, with a new key
+    second = loggers.ResumableCSVLogger(tmp_path, name="csv", version="")
+    for step in range(3, 9):
+        second.log_metrics({"train/loss": 100.0 + step, "lr": 0.1}, step=step)
+    second.log_metrics({"val/loss": 7.0}, step=4)  # already there: dropped
+    second.log_metrics({"val/loss": 0.25}, step=8)
+    second.finalize("success")
+    rows = _csv_rows(path)
+    pairs = _pairs(rows)
+    assert len(pairs) == len(set(pairs))  # every (step, metric) once
+    assert sorted(step for step, key in pairs if key == "train/loss") == list(range(9))
+    loss = {int(r["step"]): float(r["train/loss"]) for r in rows if r["train/loss"]}
+    assert loss[2] == 3.0 and loss[5] == 6.0 and loss[6] == 106.0  # the first attempt's rows kept
+    assert {int(r["step"]): float(r["val/loss"]) for r in rows if r["val/loss"]} == {4: 0.5, 8: 0.25}
+    assert sorted(step for step, key in pairs if key == "lr") == [3, 4, 5, 6, 7, 8]  # new key
+    assert path.read_text().endswith("\n") and "9." not in path.read_text()
+    assert not list(path.parent.glob("*.partial"))
+
+
+def test_csv_rows_are_on_disk_whenever_a_checkpoint_is_saved(tmp_path):
+    logger = loggers.ResumableCSVLogger(tmp_path, name="csv", version="",
+                                        flush_logs_every_n_steps=100)
+    logger.log_metrics({"train/loss": 1.0}, step=0)
+    assert not (tmp_path / "csv" / "metrics.csv").exists()
+    logger.after_save_checkpoint(object())
+    assert [r["train/loss"] for r in _csv_rows(tmp_path / "csv" / "metrics.csv")] == ["1.0"]
+
+
+def test_wandb_run_id_is_kept_and_a_rerun_continues_the_run_without_repeats(tmp_path):
+    """The id is stored in <save_dir>/wandb/run_id; a second logger there resumes that run
+    (resume=allow) and skips the steps the first one wrote (read back from its run-<id>.wandb,
+    including a config record longer than one 32 KiB block of the log)."""
+    import wandb
+
+    first = loggers.wandb_logger(mode="offline", save_dir=str(tmp_path), project="p")
+    run_id = first._wandb_init["id"]
+    assert (tmp_path / "wandb" / "run_id").read_text().strip() == run_id
+    assert first._wandb_init["resume"] == "allow" and "anonymous" not in first._wandb_init
+    first.log_hyperparams({"long": "x" * 100_000})
+    for step in range(4):
+        first.log_metrics({"train/loss": float(step)}, step=step)
+    wandb.finish()
+    second = loggers.wandb_logger(mode="offline", save_dir=str(tmp_path), project="p")
+    assert second._wandb_init["id"] == run_id
+    assert second._logged_before == {step: {"train/loss"} for step in range(4)}
+    for step in range(2, 6):
+        second.log_metrics({"train/loss": 10.0 + step}, step=step)
+    wandb.finish()
+    logs = loggers.wandb_transaction_logs(tmp_path, run_id)
+    assert len(logs) == 2  # two attempts (offline-run-<time>-<id>, -<id>-1 within one second)
+    history = [row for path in logs for row in loggers.wandb_history(path)]
+    pairs = _pairs(history, step_key="trainer/global_step")
+    assert sorted(pairs) == [(step, "train/loss") for step in range(6)]
+    configs = [record.config for record in loggers.wandb_records(logs[0])
+               if record.WhichOneof("record_type") == "config"]
+    assert any(json.loads(item.value_json) == "x" * 100_000
+               for config in configs for item in config.update if item.key == "long")
+    # a log cut short by a kill: the complete records before the cut, no error
+    data = logs[1].read_bytes()
+    logs[1].write_bytes(data[:len(data) // 2])
+    assert 0 < len(list(loggers.wandb_records(logs[1]))) < len(list(loggers.wandb_records(logs[0]))) + 100
+
+
+def _hydra_job(train_config, tmp_path, *, multirun, task, sweeper_params=None,
+               sweep_overrides=None):
+    """Compose a train config and set the Hydra job context of a (multi)run job."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    cfg = train_config(*task)
+    sweep_dir = tmp_path / "sweeps" / "2030-01-02_03-04-05"
+    output_dir = sweep_dir / "1" if multirun else tmp_path / "runs" / "2030-01-02_03-04-05"
+    with read_write(cfg.hydra), open_dict(cfg.hydra):
+        cfg.hydra.mode = RunMode.MULTIRUN if multirun else RunMode.RUN
+        cfg.hydra.sweep.dir = str(sweep_dir)
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.overrides.task = list(task)
+        cfg.hydra.job.override_dirname = ",".join(task)
+        if sweeper_params:
+            cfg.hydra.sweeper.params = sweeper_params
+    if sweep_overrides is not None:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create({"hydra": {"overrides": {"task": sweep_overrides}}}),
+                       sweep_dir / "multirun.yaml")
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def test_run_names_group_by_sweep_and_name_by_the_swept_values(train_config, tmp_path):
+    job = ["scheduler=cosine", "trainer.max_steps=4", "+console.config_tree=none"]
+    _hydra_job(train_config, tmp_path, multirun=True, task=job,
+               sweep_overrides=["scheduler=linear,cosine", "trainer.max_steps=4",
+                                "+console.config_tree=none"])
+    assert loggers.run_names() == loggers.RunNames("2030-01-02_03-04-05", "scheduler=cosine")
+    # Optuna: the sweeper's search space names the trial (it writes no multirun.yaml)
+    (tmp_path / "sweeps" / "2030-01-02_03-04-05" / "multirun.yaml").unlink()
+    trial = ["module.optimizer.lr=0.0003", "callbacks.ema.max_decay=0.99", "trainer.max_steps=4"]
+    _hydra_job(train_config, tmp_path, multirun=True, task=trial,
+               sweeper_params={"module.optimizer.lr": "interval(1e-4, 1e-2)",
+                               "callbacks.ema.max_decay": "choice(0.99, 0.999)"})
+    assert loggers.run_names().name == "module.optimizer.lr=0.0003,callbacks.ema.max_decay=0.99"
+    # a single run is its own group, named by its overrides
+    _hydra_job(train_config, tmp_path, multirun=False, task=["scheduler=ve"])
+    assert loggers.run_names() == loggers.RunNames("2030-01-02_03-04-05", "scheduler=ve")
+    logger = loggers.wandb_logger(mode="offline", save_dir=str(tmp_path / "w"), project="p")
+    assert (logger._wandb_init["group"], logger._wandb_init["name"]) == (
+        "2030-01-02_03-04-05", "scheduler=ve")
+    explicit = loggers.wandb_logger(mode="offline", save_dir=str(tmp_path / "w"), project="p",
+                                    name="mine", group="ours")
+    assert (explicit._wandb_init["group"], explicit._wandb_init["name"]) == ("ours", "mine")
+
+
+def test_wandb_job_type_is_train_or_eval(tmp_path):
+    from tests.conftest import compose_config
+
+    train = compose_config("train", ["logger=wandb"], tmp_path / "t")
+    assert train.logger.wandb.job_type == "train" and train.logger.wandb.resume == "allow"
+    for experiment in ("vp_vs_ve", "step_count"):  # their task_name is not the job type
+        cfg = compose_config("train", ["logger=wandb", f"experiment={experiment}"], tmp_path / "t")
+        assert cfg.logger.wandb.job_type == "train"
+    evaluate = compose_config("evaluate", ["logger=wandb", "ckpt_path=x",
+                                           "experiment=eval_sweep"], tmp_path / "e")
+    assert evaluate.logger.wandb.job_type == "eval"
+
+
+def test_typed_table_makes_numbers_of_results_cells():
+    rows = [{"sampler": "ddim", "num_steps": "5", "fid": "12.5", "compile": "False", "kid": ""},
+            {"sampler": "heun", "num_steps": "10", "fid": "8", "compile": "True", "kid": "0.01"}]
+    columns, data = loggers.typed_table(rows)
+    assert columns == ["sampler", "num_steps", "fid", "compile", "kid"]
+    assert data == [["ddim", 5, 12.5, False, None], ["heun", 10, 8.0, True, 0.01]]
+    assert isinstance(data[1][2], float)
+    _, mixed = loggers.typed_table([{"step": "4"}, {"step": ""}, {"step": "n/a"}])
+    assert mixed == [["4"], [None], ["n/a"]]  # one type per column
+
+
+def _event_accumulator(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0, "tensors": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def _tensorboard_hparams(folder):
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    found = {}
+    for content in _event_accumulator(folder).PluginTagToContent("hparams").values():
+        data = plugin_data_pb2.HParamsPluginData.FromString(content)
+        kind = data.WhichOneof("data")
+        if kind == "session_start_info":
+            found["hparams"] = {key: value.WhichOneof("kind") and getattr(
+                value, value.WhichOneof("kind")) for key, value in
+                data.session_start_info.hparams.items()}
+        elif kind == "experiment":
+            found["metrics"] = [info.name.tag for info in data.experiment.metric_infos]
+    return found
+
+
+def test_tensorboard_rerun_skips_written_steps_and_hparams_hold_the_final_metrics(tmp_path):
+    first = loggers.ResumableTensorBoardLogger(tmp_path, name="tb", version="")
+    for step in range(4):
+        first.log_metrics({"train/loss": float(step)}, step=step)
+    first.finalize("success")
+    second = loggers.ResumableTensorBoardLogger(tmp_path, name="tb", version="")
+    assert second._logged_before == {step: {"train/loss"} for step in range(4)}
+    for step in range(2, 6):
+        second.log_metrics({"train/loss": 10.0 + step}, step=step)
+    loggers.finish_loggers([second], {"model": {"base_channels": 16}, "sampler": "ddim",
+                                      "tags": ["a"]},
+                           {"fid/ddim_20": torch.tensor(3.5), "val/loss": 0.2, "bad": float("nan")},
+                           step=5)
+    accumulator = _event_accumulator(tmp_path / "tb")
+    assert [(e.step, e.value) for e in accumulator.Scalars("train/loss")] == [
+        (0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0)]
+    assert [(e.step, e.value) for e in accumulator.Scalars("final/fid/ddim_20")] == [(5, 3.5)]
+    found = _tensorboard_hparams(tmp_path / "tb")
+    assert found["hparams"]["model/base_channels"] == 16 and found["hparams"]["sampler"] == "ddim"
+    assert sorted(found["metrics"]) == ["final/fid/ddim_20", "final/val/loss"]
+
+
+def test_training_run_logs_names_config_and_one_final_grid(train_config):
+    """logger=many: W&B (offline) gets job_type train, the run dir as group, the run config, the
+    history and one grid per validation; final.png copies the last step's grid (same weights),
+    so it is logged once; TensorBoard's HPARAMS tab gets the final metrics."""
+    cfg = train_config("logger=many")
+    metrics = run(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    (log_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    records = list(loggers.wandb_records(log_file))
+    (info,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert (info.job_type, info.run_group) == ("train", run_dir.name)
+    keys = {item.key for r in records if r.WhichOneof("record_type") == "config"
+            for item in r.config.update}
+    assert {"model", "scheduler", "trainer", "fid_pairs"} - keys == {"fid_pairs"}  # no FID here
+    history = loggers.wandb_history(log_file)
+    grids = [row["trainer/global_step"] for row in history if "samples/_type" in row]
+    assert grids == [2, 4]  # validations at steps 2 and 4 = the last: final.png not logged again
+    assert (run_dir / "samples" / "final.png").read_bytes() == (
+        run_dir / "samples" / "step_0000004.png").read_bytes()
+    pairs = _pairs(history, step_key="trainer/global_step")
+    assert len(pairs) == len(set(pairs))
+    found = _tensorboard_hparams(run_dir / "tensorboard")
+    assert "final/val/loss" in found["metrics"] and found["hparams"]["model/base_channels"] == 32
+    final = _event_accumulator(run_dir / "tensorboard").Scalars("final/val/loss")
+    assert [(e.step, e.value) for e in final] == [(4, pytest.approx(metrics["val/loss"]))]

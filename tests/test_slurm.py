@@ -46,6 +46,17 @@ def test_submitit_slurm_config_follows_the_trainer(tmp_path):
     assert set(launcher) == set(OmegaConf.structured(SlurmQueueConf))
 
 
+def test_submitit_slurm_config_composes_with_the_default_trainer(tmp_path):
+    # The README's command has no trainer=ddp and no trainer.num_nodes: nodes come from the
+    # default trainer config (InterpolationKeyError 'trainer.num_nodes' before it had one).
+    _, cfg = _load(["hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug",
+                    "trainer.accelerator=cpu", "hydra.launcher.gpus_per_node=null",
+                    "trainer.devices=2"], tmp_path)
+    assert cfg.trainer.num_nodes == 1
+    launcher = cfg.hydra.launcher
+    assert launcher.nodes == 1 and launcher.tasks_per_node == 2 and launcher.gpus_per_node is None
+
+
 def test_submitit_launcher_instantiates_and_writes_the_expected_sbatch(tmp_path, monkeypatch):
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()

@@ -117,3 +117,9 @@ def test_plain_multirun_without_sweep_dir_override(tmp_path):
     jobs = sorted(p.name for p in (tmp_path / "logs" / "debug" / "multiruns").glob("*/*")
                   if p.is_dir())
     assert jobs == ["0", "1"]
+
+
+def test_a_run_without_loggers_trains_and_checkpoints(train_config):
+    cfg = train_config("logger=none", "callbacks.sample_grid.at_train_end=false")
+    run(cfg)  # the LR monitor, which needs a logger, is left out
+    assert (Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt").is_file()

@@ -18,6 +18,7 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from diffsweep.callbacks.ema import EMA
@@ -96,10 +97,15 @@ def order_callbacks(callbacks: list[L.Callback]) -> list[L.Callback]:
     return sorted(callbacks, key=lambda callback: not isinstance(callback, EMA))
 
 
-def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    """``cfg.callbacks`` and ``cfg.metrics`` (FID callbacks), EMA first."""
-    return order_callbacks(instantiate_dict(cfg.get("callbacks"), "callbacks")
-                           + instantiate_dict(cfg.get("metrics"), "metrics"))
+def build_callbacks(cfg: DictConfig, with_loggers: bool = True) -> list[L.Callback]:
+    """``cfg.callbacks`` and ``cfg.metrics`` (FID callbacks), EMA first. Without loggers
+    (``logger=none``) the LR monitor, which needs one, is left out."""
+    callbacks = (instantiate_dict(cfg.get("callbacks"), "callbacks")
+                 + instantiate_dict(cfg.get("metrics"), "metrics"))
+    if not with_loggers:
+        callbacks = [callback for callback in callbacks
+                     if not isinstance(callback, LearningRateMonitor)]
+    return order_callbacks(callbacks)
 
 
 def build_loggers(cfg: DictConfig) -> list[Any]:

@@ -15,7 +15,6 @@ import errno
 import logging
 import pickle
 import re
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -23,7 +22,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from diffsweep.files import atomic_torch_save
+from diffsweep.files import DiskFullError, atomic_torch_save
 from diffsweep.hydra_utils import run_config_dict
 
 if TYPE_CHECKING:
@@ -225,10 +224,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         naming the path and the free space, with the previous file at ``path`` unchanged."""
         try:
             atomic_torch_save(checkpoint, path)
-        except OSError as error:
-            if not _is_disk_full(error):
-                raise
-            raise CheckpointDiskFullError(disk_full_message(path)) from error
+        except DiskFullError as error:
+            raise CheckpointDiskFullError(
+                f"{error} Free disk space or set callbacks.model_checkpoint.dirpath=<a folder on "
+                f"a disk with space>, then rerun the same command to resume.") from error
 
     def load_checkpoint(self, path: str | Path,
                         map_location: Callable[..., Any] | None = lambda storage, loc: storage,
@@ -236,28 +235,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not Path(path).is_file():
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
         return load_weights_only(path, map_location=map_location)
-
-
-def _is_disk_full(error: BaseException | None) -> bool:
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
-def disk_full_message(path: str | Path) -> str:
-    """One line for a checkpoint write to ``path`` that ran out of space (free space measured
-    after the partial file was removed)."""
-    path = Path(path)
-    try:
-        free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free"
-    except OSError:
-        free = "free space unknown"
-    kept = "the previous checkpoint there is unchanged" if path.exists() else "no file was left"
-    return (f"No space left on device writing checkpoint {path} ({free} on its file system); "
-            f"{kept}. Free disk space or set callbacks.model_checkpoint.dirpath=<a folder on a "
-            f"disk with space>, then rerun the same command to resume.")
 
 
 def find_resume_checkpoint(directory: str | Path) -> Path | None:

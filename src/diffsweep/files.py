@@ -15,16 +15,45 @@ Stable hashes (cache keys, fingerprints) are sha256 hex digests of a canonical J
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Mapping
 
 import torch
 
 PathLike = str | os.PathLike
+
+
+class DiskFullError(OSError):
+    """An atomic write ran out of disk space (ENOSPC / EDQUOT); the target file is unchanged."""
+
+    def __init__(self, path: PathLike) -> None:
+        path = Path(path)
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        kept = "the previous file there is unchanged" if path.exists() else "no file was left"
+        self.path = path
+        self.message = f"No space left on device writing {path} ({free} on its file system); {kept}."
+        super().__init__(errno.ENOSPC, self.message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether ``error`` (or an error it was raised from) is an out-of-space OSError."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def fsync_directory(directory: PathLike) -> None:
@@ -49,7 +78,8 @@ def atomic_writer(path: PathLike, mode: str = "wb", mode_bits: int | None = 0o64
     """Open a file that replaces ``path`` atomically when the block exits without an error.
 
     ``mode`` is ``"wb"`` or ``"w"`` (text; ``open_kwargs`` such as ``newline`` pass through). On an
-    error the partial file is removed and ``path`` is left as it was.
+    error the partial file is removed and ``path`` is left as it was; a full disk raises
+    :class:`DiskFullError` naming the path and the free space.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_writer mode must be 'w' or 'wb', got {mode!r}.")
@@ -64,6 +94,11 @@ def atomic_writer(path: PathLike, mode: str = "wb", mode_bits: int | None = 0o64
         if mode_bits is not None:
             os.chmod(partial, mode_bits)
         os.replace(partial, path)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        if is_disk_full(error) and not isinstance(error, DiskFullError):
+            raise DiskFullError(path) from error
+        raise
     finally:
         partial.unlink(missing_ok=True)
     fsync_directory(path.parent)
@@ -194,7 +229,7 @@ def tensors_sha256(named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[st
     return digest.hexdigest()
 
 
-__all__ = ["atomic_torch_save", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
+__all__ = ["DiskFullError", "is_disk_full", "atomic_torch_save", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
            "atomic_writer", "bytes_sha256", "file_lock", "file_sha256", "fsync_directory",
            "fsync_file", "is_locked", "partial_path", "replace_atomically", "stable_hash",
            "tensors_sha256"]

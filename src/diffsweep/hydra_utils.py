@@ -55,10 +55,8 @@ PRINT_ORDER = ("data", "model", "scheduler", "sampler", "module", "trainer", "ca
                "metrics", "logger", "paths", "seed", "ckpt_path")
 
 
-@rank_zero_only
-def print_config_tree(cfg: DictConfig, save_to: str | Path | None = None,
-                      order: Sequence[str] = PRINT_ORDER) -> None:
-    """Print the composed config as a rich tree (one branch per group) and save it as text."""
+def full_config_tree(cfg: DictConfig, order: Sequence[str] = PRINT_ORDER) -> rich.tree.Tree:
+    """The composed config as a rich tree, one branch per top-level key (``order`` first)."""
     tree = rich.tree.Tree("CONFIG", style="dim", guide_style="dim")
     keys = [k for k in order if k in cfg] + [k for k in cfg if k not in order and k != "hydra"]
     for key in keys:
@@ -67,12 +65,52 @@ def print_config_tree(cfg: DictConfig, save_to: str | Path | None = None,
         text = (OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig)
                 else str(value))
         branch.add(rich.syntax.Syntax(text, "yaml"))
-    rich.print(tree)
+    return tree
+
+
+def short_config_tree(cfg: DictConfig, full_tree_path: str | Path | None = None) -> rich.tree.Tree:
+    """A few lines: the config-group choices, the command-line overrides and the run directory
+    (outside Hydra: the top-level scalar keys)."""
+    from rich.text import Text
+
+    title = "CONFIG" + (f" (full tree: {full_tree_path})" if full_tree_path else "")
+    tree = rich.tree.Tree(Text(title), style="dim", guide_style="dim")
+    choices = {group: choice for group, choice in hydra_choices().items()
+               if choice not in ("None", "null")}
+    if choices:
+        tree.add(Text("choices: " + " ".join(f"{group}={choice}"
+                                              for group, choice in sorted(choices.items()))))
+        overrides = hydra_overrides()
+        if overrides:
+            tree.add(Text("overrides: " + " ".join(overrides)))
+    else:
+        scalars = [f"{key}={cfg[key]}" for key in cfg
+                   if key != "hydra" and not OmegaConf.is_config(cfg[key])]
+        tree.add(Text("settings: " + " ".join(scalars)))
+    output_dir = OmegaConf.select(cfg, "paths.output_dir", default=None,
+                                  throw_on_resolution_failure=False)
+    if output_dir:
+        tree.add(Text(f"run dir: {output_dir}"))
+    return tree
+
+
+@rank_zero_only
+def print_config_tree(cfg: DictConfig, save_to: str | Path | None = None,
+                      order: Sequence[str] = PRINT_ORDER, style: str = "short") -> None:
+    """Save the full composed config tree as text to ``save_to`` and print it ``full``, ``short``
+    (:func:`short_config_tree`: choices, overrides, run dir) or not at all (``none``)."""
+    if style not in ("short", "full", "none"):
+        raise ValueError(f"console.config_tree must be short, full or none; got {style!r}.")
+    tree = full_config_tree(cfg, order)
     if save_to is not None:
         from diffsweep.files import atomic_writer
 
         with atomic_writer(save_to, "w") as handle:
             rich.print(tree, file=handle)
+    if style == "full":
+        rich.print(tree)
+    elif style == "short":
+        rich.print(short_config_tree(cfg, save_to))
 
 
 def to_plain(obj: Any) -> Any:
@@ -129,6 +167,18 @@ def multirun_flag_first(argv: list[str]) -> list[str]:
     flags = [arg for arg in argv[1:] if arg in ("-m", "--multirun")]
     rest = [arg for arg in argv[1:] if arg not in ("-m", "--multirun")]
     return [argv[0], *flags, *rest]
+
+
+def hydra_overrides() -> list[str]:
+    """The running job's command-line overrides (``["scheduler=cosine", ...]``), or [] outside
+    Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    overrides = OmegaConf.select(HydraConfig.get(), "overrides.task", default=None,
+                                 throw_on_missing=False)
+    return [str(item) for item in (overrides or [])]
 
 
 def hydra_signature() -> str:

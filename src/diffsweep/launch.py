@@ -93,8 +93,12 @@ def hydra_job(cfg: DictConfig, task: Callable[..., Any] | str) -> Iterator[None]
     """Register ``task(cfg)`` as the job DDP rank processes must run; clean up after it.
 
     On exit: waits for (or, after an error, stops) the rank processes this job started, destroys
-    the torch.distributed process group and restores the DDP environment variables.
+    the torch.distributed process group and restores the DDP environment variables. A job stopped
+    by a signal (:class:`~diffsweep.callbacks.preemption.Preempted`: every rank saved and stops at
+    the same step) waits for its ranks without stopping them and lets the ``Preempted`` through.
     """
+    from diffsweep.callbacks.preemption import Preempted
+
     global _current_job
     hydra_node = None
     from hydra.core.hydra_config import HydraConfig
@@ -108,15 +112,18 @@ def hydra_job(cfg: DictConfig, task: Callable[..., Any] | str) -> Iterator[None]
                hydra=hydra_node, cwd=os.getcwd(), launchers=[],
                env={key: os.environ.get(key) for key in DDP_ENV_KEYS})
     previous, _current_job = _current_job, job
-    failed = True
+    outcome = "failed"
     try:
         yield
-        failed = False
+        outcome = "done"
+    except Preempted:
+        outcome = "preempted"
+        raise
     finally:
         _current_job = previous
         try:
             for launcher in job.launchers:
-                launcher.finish(stop=failed)
+                launcher.finish(stop=outcome == "failed", check=outcome == "done")
         finally:
             _destroy_process_group()
             for key, value in job.env.items():
@@ -217,8 +224,10 @@ class _HydraJobLauncher(_SubprocessScriptLauncher):
             self.procs.append(subprocess.Popen(command, env=env, cwd=job.cwd))
         job.launchers.append(self)
 
-    def finish(self, stop: bool = False, timeout: float = CHILD_EXIT_TIMEOUT_S) -> None:
-        """Wait for the ranks this launcher started (``stop``: terminate them first)."""
+    def finish(self, stop: bool = False, timeout: float = CHILD_EXIT_TIMEOUT_S,
+               check: bool | None = None) -> None:
+        """Wait for the ranks this launcher started (``stop``: terminate them first); ``check``
+        (default: not ``stop``) raises if one exited with a non-zero status."""
         if self._observer is not None:
             self._observer.stop()
         if stop:
@@ -236,8 +245,10 @@ class _HydraJobLauncher(_SubprocessScriptLauncher):
             if code != 0:
                 failures.append(f"local rank {rank} (pid {proc.pid}) exited with {code}")
         self.procs = []
-        if failures and not stop:
+        if failures and (not stop if check is None else check):
             raise RuntimeError("DDP rank processes failed: " + "; ".join(failures))
+        if failures:
+            log.warning("DDP rank processes: %s", "; ".join(failures))
 
 
 def _refuse_argv_relaunch_in_multirun() -> None:
@@ -284,8 +295,13 @@ def rank_main(job_file: str | Path) -> Any:
     """A rank process: rebuild the job from ``job_file`` and run its task.
 
     Sets ``HydraConfig`` from the saved node (without Hydra's run dir, config files or log file),
-    logs to stderr at WARNING (rank 0 reports), runs in the job's working directory.
+    logs to stderr at WARNING (rank 0 reports), runs in the job's working directory. A rank
+    stopped by a signal (:class:`~diffsweep.callbacks.preemption.Preempted`, after the checkpoint
+    all ranks saved) exits with status 0: rank 0 reports the stop and exits with 128 + signal, and
+    Lightning's watcher in rank 0 kills every rank when one exits with a non-zero status.
     """
+    from diffsweep.callbacks.preemption import Preempted
+
     document = OmegaConf.load(job_file)
     rank = os.environ.get("LOCAL_RANK", "?")
     logging.basicConfig(level=logging.WARNING,
@@ -297,7 +313,10 @@ def rank_main(job_file: str | Path) -> Any:
             OmegaConf.to_container(document.hydra, resolve=False)))  # type: ignore[arg-type]
     os.chdir(str(document.cwd))
     cfg = document.config
-    return _load_task(str(document.task))(cfg)
+    try:
+        return _load_task(str(document.task))(cfg)
+    except Preempted:
+        raise SystemExit(0) from None
 
 
 if __name__ == "__main__":

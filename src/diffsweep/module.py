@@ -211,20 +211,24 @@ class DiffusionModule(L.LightningModule):
                                     world_size=world_size)
         loss = self.batch_loss(x0, labels, noise)
         if not torch.isfinite(loss):
-            raise NonFiniteLossError(self._non_finite_message(loss.item()))
+            raise NonFiniteLossError(self._non_finite_message(
+                loss.item(), bad_batch=not bool(torch.isfinite(x0).all())))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False,
                  batch_size=x0.shape[0], sync_dist=world_size > 1)
         return loss
 
-    def _non_finite_message(self, loss: float) -> str:
+    def _non_finite_message(self, loss: float, bad_batch: bool = False) -> str:
         checkpoint = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or \
             getattr(self.trainer.checkpoint_callback, "best_model_path", "")
         where = (f"The last good checkpoint is {checkpoint}; rerun the same command to resume "
                  f"from it." if checkpoint else "No checkpoint was written before this step.")
+        cause = ("The batch itself holds NaN/inf: the data is at fault, not the learning rate "
+                 "(an image folder, or a latent cache written before encode-time checks: delete "
+                 "it to re-encode)." if bad_batch else
+                 "Check the data for NaN/inf first, then lower the learning rate "
+                 "(module.optimizer.lr) or keep gradient clipping on (trainer.gradient_clip_val).")
         return (f"Training loss is {loss} at step {self.global_step}; stopped before the optimizer "
-                f"step, so no weights were updated with it. {where} Lower the learning rate "
-                f"(module.optimizer.lr), keep gradient clipping on (trainer.gradient_clip_val) or "
-                f"check the data.")
+                f"step, so no weights were updated with it. {where} {cause}")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, labels = batch

@@ -79,7 +79,8 @@ def check_sigma_rel(sigma_rel: Any, key: str = "sigma_rel") -> float:
     ``0 < sigma_rel <= SIGMA_REL_MAX``."""
     allowed = (f"a relative EMA width 0 < {key} <= {SIGMA_REL_MAX:.4f} (the widest power-function "
                f"profile), e.g. 0.05, 0.10")
-    if isinstance(sigma_rel, bool) or not isinstance(sigma_rel, (int, float, np.floating)):
+    if isinstance(sigma_rel, bool) or not isinstance(sigma_rel, (int, float, np.integer,
+                                                                  np.floating)):
         raise ValueError(f"{key}={sigma_rel!r} is not a number; expected {allowed}.")
     value = float(sigma_rel)
     if not (0.0 < value <= SIGMA_REL_MAX):  # also refuses nan
@@ -99,8 +100,8 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """The exponent ``gamma`` of the power-function profile of relative width ``sigma_rel``.
 
     The largest real root of ``gamma^3 + 7 gamma^2 + (16 - s^-2) gamma + 12 - s^-2`` (Algorithm 2);
-    ``sigma_rel`` outside ``(0, SIGMA_REL_MAX]`` raises ValueError (the cubic has no root
-    ``> -1`` there, only a complex pair).
+    ``sigma_rel`` outside ``(0, SIGMA_REL_MAX]`` raises ValueError (there the cubic's only real
+    root is below -1: no power-function profile is that wide).
     """
     sigma_rel = check_sigma_rel(sigma_rel)
     inverse_square = sigma_rel ** -2
@@ -155,8 +156,9 @@ def solve_weights(steps: Sequence[float] | Tensor, gammas: Sequence[float] | Ten
         raise ValueError(f"solve_weights needs one gamma per snapshot step and at least one "
                          f"snapshot; got {steps.numel()} steps and {gammas.numel()} gammas.")
     gram = profile_inner_product(steps[:, None], gammas[:, None], steps[None, :], gammas[None, :])
-    target = profile_inner_product(steps, gammas, torch.tensor(float(target_step)),
-                                   torch.tensor(float(target_gamma)))
+    target = profile_inner_product(steps, gammas,
+                                   torch.tensor(float(target_step), dtype=torch.float64),
+                                   torch.tensor(float(target_gamma), dtype=torch.float64))
     weights = torch.linalg.solve(gram, target)
     return weights / weights.sum() if normalize else weights
 

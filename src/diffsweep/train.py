@@ -2,47 +2,46 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from diffsweep.assembly import (build_callbacks, build_datamodule, build_loggers, build_module,
                                 build_trainer, check_shapes)
-from diffsweep.checkpoints import check_compatible, find_resume_checkpoint, read_checkpoint
+from diffsweep.checkpoints import explain_state_dict_errors
+from diffsweep.console import console_options, quiet
 from diffsweep.hydra_utils import hydra_signature, print_config_tree
+from diffsweep.loggers import finish_loggers
 from diffsweep.module import count_parameters
-from diffsweep.resume import run_status
+from diffsweep.resume import ResumePoint, find_resume_point, run_status
+from diffsweep.validate import validate_train_config
 
 log = logging.getLogger(__name__)
 
 
-def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
-    """``ckpt_path`` if given (checked against the config), else with ``resume=auto`` the newest
-    readable checkpoint already in this run's checkpoint folder."""
-    ckpt_path = cfg.get("ckpt_path")
-    if not ckpt_path and cfg.get("resume", "auto") == "auto":
-        folder = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath",
-                                  default=str(output_dir / "checkpoints"))
-        found = find_resume_checkpoint(folder)
-        if found is not None:
-            log.info("Resuming from %s", found)
-            ckpt_path = str(found)
-    if ckpt_path:
-        stored = read_checkpoint(ckpt_path).get("diffsweep_config")
-        if stored is not None:
-            check_compatible(stored, cfg)
-    return ckpt_path
+def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> ResumePoint:
+    """Where this run starts (:func:`diffsweep.resume.find_resume_point`): ``ckpt_path`` if given,
+    else with ``resume=auto`` the newest checkpoint in this run's checkpoint folder, or nothing to
+    do when the job already finished; the checkpoint's config is compared with ``cfg`` (a change
+    that is not safe on resume is refused)."""
+    return find_resume_point(cfg, output_dir)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one configuration; returns the final callback metrics as floats."""
+    validate_train_config(cfg)  # bad input fails here, before data, model or checkpoints
     output_dir = Path(cfg.paths.output_dir)
-    print_config_tree(cfg, save_to=output_dir / "config_tree.log")
+    # before anything is written: a refused config change or an already finished job stops here
+    resume = resume_checkpoint(cfg, output_dir)
+    if resume.finished is not None:
+        return {key: float(value) for key, value in (resume.finished.get("metrics") or {}).items()}
+    console = console_options(cfg)
+    quiet(console["show_warnings"])
+    print_config_tree(cfg, save_to=output_dir / "config_tree.log", style=console["config_tree"])
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
@@ -57,26 +56,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
              module.sampler)
 
     loggers = build_loggers(cfg)
-    trainer: L.Trainer = build_trainer(cfg, build_callbacks(cfg), loggers)
+    callbacks = build_callbacks(cfg, with_loggers=bool(loggers)) + resume.callbacks()
+    trainer: L.Trainer = build_trainer(cfg, callbacks, loggers)
     for logger in loggers:
         logger.log_hyperparams(module.config)
 
-    ckpt_path = resume_checkpoint(cfg, output_dir)
+    ckpt_path = resume.ckpt_path
     # One status file and lock per run: DDP ranks > 0 (and other SLURM tasks) run this same job.
-    status = (run_status(output_dir, signature=hydra_signature()) if trainer.is_global_zero
-              else contextlib.nullcontext())
-    with status:
+    # Its done marker (done.json, written last) makes a rerun of this job a no-op.
+    with run_status(output_dir, signature=hydra_signature(),
+                    enabled=trainer.is_global_zero) as record, \
+            explain_state_dict_errors(ckpt_path):  # a mismatch: one line, not hundreds
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+        metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+        record.conclude(trainer, metrics, module.config)
     log.info("Run directory: %s", output_dir)
-    _finish_loggers(loggers)
+    finish_loggers(loggers, module.config, metrics, trainer.global_step)
     return metrics
-
-
-def _finish_loggers(loggers: list[Any]) -> None:
-    """Close W&B runs so the next multirun job starts a fresh one."""
-    for logger in loggers:
-        if type(logger).__name__ == "WandbLogger":
-            import wandb
-
-            wandb.finish()

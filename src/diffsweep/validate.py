@@ -72,9 +72,10 @@ def validate_eval_config(cfg: DictConfig, *, cuda_device_count: int | None = Non
 
 def train_config_problems(cfg: DictConfig, *, cuda_device_count: int | None = None) -> list[str]:
     """The problems :func:`validate_train_config` raises, one line each (empty: valid)."""
+    _register_resolvers()
     gpus = _CudaCount(cuda_device_count)
     problems = [
-        check_seed("seed", _select(cfg, "seed"), allow_null=True),
+        check_seed("seed", _select(cfg, "seed"), allow_null=True, null_means="a random seed"),
         *nested_seed_problems(cfg),
         check_choice("resume", _select(cfg, "resume", "auto"), ("auto", "never")),
         check_existing_file("ckpt_path", _select(cfg, "ckpt_path")),
@@ -94,6 +95,7 @@ def train_config_problems(cfg: DictConfig, *, cuda_device_count: int | None = No
 
 def eval_config_problems(cfg: DictConfig, *, cuda_device_count: int | None = None) -> list[str]:
     """The problems :func:`validate_eval_config` raises, one line each (empty: valid)."""
+    _register_resolvers()
     gpus = _CudaCount(cuda_device_count)
     problems = [
         check_seed("seed", _select(cfg, "seed"), allow_null=False),
@@ -104,6 +106,14 @@ def eval_config_problems(cfg: DictConfig, *, cuda_device_count: int | None = Non
         check_writable_file("results_file", _select(cfg, "results_file")),
     ]
     return [problem for problem in problems if problem]
+
+
+def _register_resolvers() -> None:
+    """The configs use diffsweep's resolvers (``${diffsweep.div:...}``); imported here, not at the
+    top, so that importing this module stays light."""
+    from diffsweep.hydra_utils import register_resolvers
+
+    register_resolvers()
 
 
 def _raise_problems(problems: list[str]) -> None:
@@ -121,12 +131,14 @@ def _show(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-def check_seed(key: str, value: Any, allow_null: bool = False) -> str | None:
-    """A seed must be an integer in [0, 2**32 - 1] (``seed=abc`` arrives as the string 'abc')."""
+def check_seed(key: str, value: Any, allow_null: bool = False,
+               null_means: str = "") -> str | None:
+    """A seed must be an integer in [0, 2**32 - 1] (``seed=abc`` arrives as the string 'abc');
+    None too with ``allow_null`` (``null_means`` says what it does)."""
     if value is None and allow_null:
         return None
     if not _is_int(value) or not 0 <= value <= MAX_SEED:
-        null = " or null (a random seed)" if allow_null else ""
+        null = f" or null{f' ({null_means})' if null_means else ''}" if allow_null else ""
         return (f"{key}={_show(value)} is not allowed: a seed is an integer in [0, {MAX_SEED}]"
                 f"{null}.")
     return None

@@ -13,7 +13,11 @@ Timing (Lightning 2.6 WeightAveraging/EMAWeightAveraging):
   callback comes *after* this one in ``trainer.callbacks``, we sample from its averaged copy
   (``_average_model.module``) directly, so the final FID is always an EMA FID. Logged with
   ``trainer.loggers[*].log_metrics`` (``self.log`` is not allowed in ``on_train_end``) and kept in
-  :attr:`FIDCallback.results`.
+  :attr:`FIDCallback.results`. When the last validation computed FID at the last step, those
+  are the same weights: the final FID is that one, not sampled again.
+- logged: ``fid/``, ``kid/``, ``kid_std/``, ``precision/``, ``recall/<name>`` per evaluation. The
+  NFE of each pair is constant: it is logged once, as the hyperparameter ``fid_pairs`` (sampler,
+  steps, NFE per pair), and put in ``trainer.callback_metrics`` (``nfe/<name>``) unlogged.
 - preparation: rank 0 builds the extractor first (it may download Inception weights or train and
   cache the classifier) while the other ranks wait at a barrier, then load it; the real
   statistics are then loaded or computed by all ranks together.
@@ -68,8 +72,9 @@ class FIDCallback(Callback):
         self.pairs = resolve_pairs(pairs)
         self.every_n_val_epochs = int(every_n_val_epochs)
         self.at_train_end = bool(at_train_end)
-        #: latest values: {"fid/<name>": float, "nfe/<name>": int}
+        #: latest values: {"fid/<name>": float, "nfe/<name>": int, "kid/<name>": float, ...}
         self.results: dict[str, float] = {}
+        self._last_step: int | None = None  # global step of the latest validation-time FID
         self._val_epochs = 0
         self._active = False
         self._sampled = False
@@ -101,6 +106,17 @@ class FIDCallback(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.every_n_val_epochs > 0 or self.at_train_end:
             self._prepare(trainer, pl_module)
+            pairs = {name: {"sampler": sampler.method_name, "num_steps": sampler.num_steps,
+                            "nfe": int(sampler.nfe)} for name, sampler in self.pairs}
+            for logger in trainer.loggers:
+                logger.log_hyperparams({"fid_pairs": pairs})
+
+    @staticmethod
+    def _publish(trainer: Trainer, results: dict[str, float]) -> dict[str, float]:
+        """Put every value in ``trainer.callback_metrics``; returns those to log (not NFE)."""
+        for key, value in results.items():
+            trainer.callback_metrics[key] = torch.tensor(float(value))
+        return {key: float(value) for key, value in results.items() if not key.startswith("nfe/")}
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.every_n_val_epochs > 0 and not trainer.sanity_checking:
@@ -141,8 +157,9 @@ class FIDCallback(Callback):
                         "sample in on_validation_batch_end, while EMA weights are swapped in).")
             return
         self.results = self.evaluator.compute()
-        for key, value in self.results.items():
-            pl_module.log(key, float(value), sync_dist=True, on_epoch=True, on_step=False)
+        for key, value in self._publish(trainer, self.results).items():
+            pl_module.log(key, value, sync_dist=True, on_epoch=True, on_step=False)
+        self._last_step = trainer.global_step
         if trainer.is_global_zero:
             self.evaluator.log_results(self.results, time.monotonic() - self._started)
 
@@ -165,14 +182,18 @@ class FIDCallback(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.at_train_end:
             return
+        if self._last_step == trainer.global_step and self.results:
+            if trainer.is_global_zero:  # the last validation scored these very weights
+                log.info("Final FID: the step-%d validation values (same EMA weights).",
+                         trainer.global_step)
+            return
         self._prepare(trainer, pl_module)
         started = time.monotonic()
         self._update(trainer, self._ema_module(trainer, pl_module, self))
         self.results = self.evaluator.compute()
+        logged = self._publish(trainer, self.results)
         for logger in trainer.loggers:
-            logger.log_metrics(dict(self.results), step=trainer.global_step)
-        for key, value in self.results.items():
-            trainer.callback_metrics[key] = torch.tensor(float(value))
+            logger.log_metrics(logged, step=trainer.global_step)
         if trainer.is_global_zero:
             self.evaluator.log_results(self.results, time.monotonic() - started)
 

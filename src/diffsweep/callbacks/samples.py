@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torchvision.utils import save_image
 
-from diffsweep.files import atomic_writer
+from diffsweep.files import atomic_write_bytes, atomic_writer
 from diffsweep.generate import generate
 from diffsweep.loggers import log_image
 from diffsweep.samplers import Sampler
@@ -40,6 +40,8 @@ class SampleGrid(Callback):
     Samples are drawn in ``on_validation_batch_end`` of the first validation batch, while the EMA
     weights are swapped in, and once more at the end of training (after Lightning copied the EMA
     weights into the module). PNGs go to ``<output_dir>/samples/step_XXXXXXX.png`` (+ ``final.png``).
+    When the last validation ran at the last step, its grid shows the same weights with the same
+    noise: ``final.png`` is a copy of it, not sampled again.
 
     Args:
         output_dir: run directory.
@@ -56,10 +58,11 @@ class SampleGrid(Callback):
         self.sampler = sampler
         self.at_train_end = at_train_end
         self.last_path: Path | None = None
+        self.last_step: int | None = None  # global step of the latest validation grid
 
-    def _grid(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
+    def _grid(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> Path | None:
         if not trainer.is_global_zero:  # only rank 0 writes the grid; sampling has no collectives
-            return
+            return None
         if self.sampler is None and pl_module.sampler is None:
             raise ValueError("callbacks.sample_grid has no sampler and the module has none "
                              "(module.sampler); set one of them.")
@@ -71,15 +74,25 @@ class SampleGrid(Callback):
         path = save_grid(images, self.output_dir / "samples" / f"{name}.png")
         self.last_path = path
         log_image(trainer.loggers, "samples", path, trainer.global_step)
+        return path
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                 outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         if batch_idx != 0 or trainer.sanity_checking:
             return
-        self._grid(trainer, pl_module, f"step_{trainer.global_step:07d}")
+        if self._grid(trainer, pl_module, f"step_{trainer.global_step:07d}") is not None:
+            self.last_step = trainer.global_step
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.at_train_end:
-            self._grid(trainer, pl_module, "final")
-            if trainer.is_global_zero:
-                log.info("Final sample grid: %s", self.last_path)
+        if not self.at_train_end or not trainer.is_global_zero:
+            return
+        last = self.last_path
+        if self.last_step == trainer.global_step and last is not None and last.is_file():
+            final = self.output_dir / "samples" / "final.png"
+            atomic_write_bytes(final, last.read_bytes())
+            self.last_path = final
+            log.info("Final sample grid: %s (the step-%d grid: same weights, same noise)", final,
+                     trainer.global_step)
+            return
+        self._grid(trainer, pl_module, "final")
+        log.info("Final sample grid: %s", self.last_path)

@@ -149,7 +149,7 @@ class ImageDataModule(pl.LightningDataModule):
                                      seed=self.seed,
                                      with_epoch=bool(getattr(ds, "epoch_indexed", False)))
         return ResumableDataLoader(
-            ds, sampler=sampler, batches_done=self._batches_done,
+            ds, sampler=sampler, batches_done=self._batches_done, epoch_length=self._epoch_length,
             batch_size=self.per_rank_batch_size, drop_last=False,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
             pin_memory=self._pin_memory(), collate_fn=collate,
@@ -161,6 +161,12 @@ class ImageDataModule(pl.LightningDataModule):
         if trainer is None:
             return 0
         return trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def _epoch_length(self) -> int | float:
+        """Training batches the trainer takes per epoch (``limit_train_batches`` applied; inf
+        before the fit loop has counted them)."""
+        trainer = getattr(self, "trainer", None)
+        return float("inf") if trainer is None else trainer.num_training_batches
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("val"), self.per_rank_val_batch_size, False, False)

@@ -3,8 +3,11 @@
 Epoch ``e`` visits ``perm_e = randperm(n, seed + e)``; global batch ``k`` is
 ``perm_e[k*B:(k+1)*B]`` (``B`` = the configured global batch size) and rank ``r`` of ``W`` trains on
 ``global_batch[r::W]``. So a 2-process run sees exactly the global batches of a 1-process run, and
-a run resumed mid-epoch continues with the batch after the last one it trained on (Lightning stores
-the position through :class:`ResumableDataLoader`'s ``state_dict``).
+a resumed run continues with the batch after the last one it trained on: Lightning stores the
+position through :class:`ResumableDataLoader`'s ``state_dict``, which names the *next* batch to
+train, ``(epoch, batches_done)``. A checkpoint written after the last batch of an epoch (a step
+checkpoint on the epoch's last batch, or one written at epoch end) stores ``(epoch + 1, 0)``: the
+next epoch from its start, which is also where Lightning's fit loop continues.
 
 Datasets whose items depend on the epoch (posterior samples of VAE latents) set the class
 attribute ``epoch_indexed = True``; the sampler then yields :class:`EpochIndex` pairs, so the epoch
@@ -81,30 +84,60 @@ class GlobalBatchSampler(DistributedSampler):
         batches = self._global_batches(self.epoch)
         return sum(len(batch[self.rank::self.num_replicas]) for batch in batches)
 
+    @property
+    def num_global_batches(self) -> int:
+        """Global batches in the current epoch (after dropping a short last one)."""
+        return len(self._global_batches(self.epoch))
+
     def set_epoch(self, epoch: int) -> None:
+        """Iterate epoch ``epoch`` next. A pending resume position (:meth:`resume`) of another
+        epoch is dropped: that epoch starts at its first batch."""
+        if int(epoch) != self.epoch:
+            self._skip_batches = 0
         self.epoch = int(epoch)
 
     def resume(self, epoch: int, batches_done: int) -> None:
-        """Start the next iteration at global batch ``batches_done`` of ``epoch``."""
-        self.epoch, self._skip_batches = int(epoch), int(batches_done)
+        """Start the next iteration at global batch ``batches_done`` of ``epoch``; a position at or
+        past the end of ``epoch`` is the start of ``epoch + 1``. Applies to one iteration."""
+        epoch, batches_done = int(epoch), int(batches_done)
+        if epoch < 0 or batches_done < 0:
+            raise ValueError(f"A data position needs epoch >= 0 and batches_done >= 0; got "
+                             f"epoch={epoch}, batches_done={batches_done}.")
+        self.epoch = epoch
+        if batches_done >= self.num_global_batches:
+            self.epoch, batches_done = epoch + 1, 0
+        self._skip_batches = batches_done
 
 
 class ResumableDataLoader(DataLoader):
     """A DataLoader over a :class:`GlobalBatchSampler` whose position goes into checkpoints.
 
-    ``batches_done`` reports how many batches of the current epoch the trainer has consumed (the
-    loader itself cannot know: prefetching reads ahead).
+    ``batches_done`` reports how many batches of the current epoch the trainer has finished (the
+    loader itself cannot know: prefetching reads ahead). ``epoch_length`` is how many batches
+    the trainer takes from one epoch (fewer than the loader has under Lightning's
+    ``limit_train_batches``; default: all of them). :meth:`state_dict` is the position of the
+    next batch to train: ``{"epoch": e, "batches_done": k}``, or ``{"epoch": e + 1,
+    "batches_done": 0}`` once the trainer has finished epoch ``e``.
     """
 
     def __init__(self, dataset: Dataset, *, sampler: GlobalBatchSampler,
-                 batches_done: Callable[[], int], **kwargs: Any) -> None:
+                 batches_done: Callable[[], int],
+                 epoch_length: Callable[[], int | float] | None = None, **kwargs: Any) -> None:
         super().__init__(dataset, sampler=sampler, **kwargs)
         self.batches_done = batches_done
+        self.epoch_length = epoch_length
+
+    def _batches_per_epoch(self) -> int | float:
+        own = self.sampler.num_global_batches
+        return min(own, self.epoch_length()) if self.epoch_length is not None else own
 
     def state_dict(self) -> dict[str, int]:
         if not isinstance(self.sampler, GlobalBatchSampler):  # e.g. Lightning's overfit_batches
             return {}
-        return {"epoch": self.sampler.epoch, "batches_done": int(self.batches_done())}
+        epoch, done = self.sampler.epoch, int(self.batches_done())
+        if done >= self._batches_per_epoch():
+            epoch, done = epoch + 1, 0
+        return {"epoch": epoch, "batches_done": done}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state and isinstance(self.sampler, GlobalBatchSampler):

@@ -1,4 +1,5 @@
-"""``FIDEvaluator``: FID of a denoiser's samples for one or more samplers, without Lightning.
+"""``FIDEvaluator``: FID (and KID, precision/recall) of a denoiser's samples for one or more
+samplers, without Lightning.
 
 The evaluator holds the extractor (or its factory), the real-statistics settings and the sampling
 budget. It works in three steps, which the training callback spreads over Lightning hooks and
@@ -10,12 +11,19 @@ budget. It works in three steps, which the training callback spreads over Lightn
    ``num_samples`` with :func:`diffsweep.generate.generate`, decode, extract features and
    accumulate them in a :class:`~diffsweep.metrics.metric.FrechetDistance` (no communication);
 3. :meth:`~FIDEvaluator.compute`: every rank calls it; the metrics all-reduce their sums and
-   return ``{"fid/<name>": float, "nfe/<name>": int}``.
+   return ``{"fid/<name>": float, "nfe/<name>": int}``, plus ``kid/<name>``, ``kid_std/<name>``
+   (``kid=True``) and ``precision/<name>``, ``recall/<name>`` (``precision_recall=True``),
+   computed from the same features against a random sample of ``real_features`` real vectors
+   kept with the cached statistics (:mod:`diffsweep.metrics.fidelity`).
 
 Noise: common random numbers. Each pair's samples start from a fresh CPU generator seeded with
 ``seed + RANK_SEED_STRIDE * rank``, so every pair and every evaluation sees the same noise
 (lower-variance comparisons between samplers and over training), and ranks draw different noise.
 Rank ``r`` of ``W`` draws ``num_samples // W`` samples, one more for ``r < num_samples % W``.
+
+Class-conditional nets: with ``guidance_scale`` set, sample ``i`` (counted over all ranks) gets
+label ``i % num_classes`` (balanced classes) and classifier-free guidance at that scale; without
+it the net samples unconditionally (its null label).
 """
 from __future__ import annotations
 
@@ -32,7 +40,8 @@ from torch import Tensor, nn
 from diffsweep.generate import generate
 from diffsweep.metrics.extractors.base import ExtractorFactory, FeatureExtractor, extract_features
 from diffsweep.metrics.frechet import GaussianStats
-from diffsweep.metrics.metric import FrechetDistance
+from diffsweep.metrics.fidelity import kernel_inception_distance, precision_recall
+from diffsweep.metrics.metric import FeatureBank, FrechetDistance
 from diffsweep.metrics.real_stats import load_or_compute_real_stats
 from diffsweep.samplers import Sampler
 
@@ -101,6 +110,14 @@ def local_count(num_samples: int, world_size: int, rank: int) -> int:
     return base + (1 if rank < remainder else 0)
 
 
+def balanced_labels(count: int, num_classes: int, start: int = 0) -> Tensor:
+    """Labels ``(count,)`` of samples ``start .. start + count - 1``: sample ``i`` gets class
+    ``i % num_classes`` (every class equally often)."""
+    if int(num_classes) < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+    return torch.arange(int(start), int(start) + int(count)) % int(num_classes)
+
+
 class FIDEvaluator:
     """FID of samples against cached real statistics (see the module docstring).
 
@@ -114,12 +131,22 @@ class FIDEvaluator:
         real_split: data split whose statistics are the reference.
         real_max_count: at most this many real images (None: the whole split).
         cache_dir: where real statistics (and the classifier extractor) are cached.
+        kid: also report KID (``kid/<name>``, ``kid_std/<name>``).
+        precision_recall: also report improved precision and recall.
+        real_features: real feature vectors kept (a random sample, cached with the statistics)
+            for KID and precision/recall; 0 keeps none (then both must be off).
+        kid_subsets: KID's random subsets.
+        kid_subset_size: KID's subset size (capped at the sample counts).
+        prc_neighborhood: k of the k-NN radii of precision/recall.
     """
 
     def __init__(self, extractor: FeatureExtractor | ExtractorFactory, num_samples: int = 1000,
                  batch_size: int = 250, seed: int = 0, real_split: str = "train",
                  real_max_count: int | None = None,
-                 cache_dir: str | os.PathLike = "~/.cache/diffsweep/fid") -> None:
+                 cache_dir: str | os.PathLike = "~/.cache/diffsweep/fid", kid: bool = True,
+                 precision_recall: bool = True, real_features: int = 10000,
+                 kid_subsets: int = 100, kid_subset_size: int = 1000,
+                 prc_neighborhood: int = 3) -> None:
         if not (isinstance(extractor, nn.Module) or callable(extractor)):
             raise ValueError(f"FIDEvaluator extractor must be a FeatureExtractor or a factory "
                              f"called with datamodule= and cache_dir=, got {extractor!r}.")
@@ -130,6 +157,21 @@ class FIDEvaluator:
         if real_max_count is not None and int(real_max_count) < 2:
             raise ValueError(f"FIDEvaluator real_max_count must be >= 2 or null, got "
                              f"{real_max_count}.")
+        if int(real_features) < 0 or ((kid or precision_recall) and int(real_features) < 2):
+            raise ValueError(f"FIDEvaluator real_features must be >= 2 with kid or "
+                             f"precision_recall on (0 with both off), got {real_features}.")
+        if int(kid_subsets) < 1 or int(kid_subset_size) < 2:
+            raise ValueError(f"FIDEvaluator kid_subsets must be >= 1 and kid_subset_size >= 2, "
+                             f"got {kid_subsets} and {kid_subset_size}.")
+        if int(prc_neighborhood) < 1:
+            raise ValueError(f"FIDEvaluator prc_neighborhood must be >= 1, got "
+                             f"{prc_neighborhood}.")
+        self.kid = bool(kid)
+        self.precision_recall = bool(precision_recall)
+        self.real_features = int(real_features)
+        self.kid_subsets = int(kid_subsets)
+        self.kid_subset_size = int(kid_subset_size)
+        self.prc_neighborhood = int(prc_neighborhood)
         self._extractor_spec = extractor
         self.num_samples = int(num_samples)
         self.batch_size = int(batch_size)
@@ -141,6 +183,7 @@ class FIDEvaluator:
             extractor if isinstance(extractor, nn.Module) else None)
         self._real: GaussianStats | None = None
         self._metrics: dict[str, FrechetDistance] = {}
+        self._banks: dict[str, FeatureBank] = {}
         self._pending: list[Pair] = []
 
     # ------------------------------------------------------------------ preparation
@@ -189,7 +232,8 @@ class FIDEvaluator:
                                  "and real_images(split, max_count, ...) for the real statistics.")
             self._real = load_or_compute_real_stats(
                 datamodule, self._extractor, self.cache_dir, self.real_split, self.real_max_count,
-                self.batch_size, device, rank=rank, world_size=world_size)
+                self.batch_size, device, rank=rank, world_size=world_size,
+                features=self.real_features)
         return self._real
 
     def prepare(self, datamodule: Any, device: torch.device | str = "cpu", rank: int = 0,
@@ -200,18 +244,31 @@ class FIDEvaluator:
         self.prepare_reference(datamodule, device, rank, world_size)
 
     # ------------------------------------------------------------------ scoring
+    @property
+    def needs_features(self) -> bool:
+        """Whether generated feature vectors are kept (KID or precision/recall on)."""
+        return self.kid or self.precision_recall
+
     def _metric(self, name: str, device: torch.device) -> FrechetDistance:
         assert self._real is not None
         if name not in self._metrics:
             self._metrics[name] = FrechetDistance(self._real.num_features, self._real)
         return self._metrics[name].to(device)
 
+    def _bank(self, name: str, device: torch.device) -> FeatureBank | None:
+        if not self.needs_features:
+            return None
+        assert self._real is not None
+        if name not in self._banks:
+            self._banks[name] = FeatureBank(self._real.num_features)
+        return self._banks[name].to(device)
+
     @torch.no_grad()
     def update(self, denoiser: Any, pairs: Sequence[Any], *, image_shape: Sequence[int],
                decode: Callable[[Tensor], Tensor] | None = None, precision: str | int = "32",
                compile: bool = False, freeze_weights: bool = False,
                compile_options: dict[str, Any] | None = None, rank: int = 0,
-               world_size: int = 1) -> None:
+               world_size: int = 1, guidance_scale: float | None = None) -> None:
         """Sample this rank's share for every pair and accumulate its features (no
         communication; call :meth:`compute` next, on every rank).
 
@@ -224,6 +281,8 @@ class FIDEvaluator:
             precision, compile, freeze_weights, compile_options: passed to
                 :func:`diffsweep.generate.generate`.
             rank, world_size: this process's rank and the number of ranks.
+            guidance_scale: for a class-conditional net: balanced labels and classifier-free
+                guidance at this scale (1: plain conditional); None: unconditional samples.
         """
         if not self.prepared:
             raise RuntimeError("FIDEvaluator.update before prepare(datamodule): no extractor or "
@@ -234,24 +293,39 @@ class FIDEvaluator:
         device = denoiser.device
         self._extractor.to(device)
         count = local_count(self.num_samples, world_size, rank)
+        conditioning: dict[str, Any] = {}
+        if guidance_scale is not None:
+            if denoiser.num_classes is None:
+                raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional net "
+                                 f"(model.num_classes set); this one is unconditional.")
+            first = sum(local_count(self.num_samples, world_size, r) for r in range(rank))
+            conditioning = {"class_labels": balanced_labels(count, denoiser.num_classes, first),
+                            "guidance_scale": float(guidance_scale)}
         for name, sampler in resolved:
-            metric = self._metric(name, device)
+            metric, bank = self._metric(name, device), self._bank(name, device)
             metric.reset()  # fresh states, created in the caller's (inference) mode
+            if bank is not None:
+                bank.reset()
             if count == 0:
                 continue
             generator = torch.Generator().manual_seed(self.seed + RANK_SEED_STRIDE * rank)
             samples = generate(denoiser, sampler, count, tuple(image_shape), generator=generator,
                                batch_size=self.batch_size, precision=precision, compile=compile,
-                               freeze_weights=freeze_weights, compile_options=compile_options)
+                               freeze_weights=freeze_weights, compile_options=compile_options,
+                               **conditioning)
             for start in range(0, samples.shape[0], self.batch_size):
                 chunk = samples[start:start + self.batch_size]
                 images = (decode(chunk) if decode is not None else chunk).clamp(-1, 1)
-                metric.update(extract_features(self._extractor, images, self.batch_size, device))
+                features = extract_features(self._extractor, images, self.batch_size, device)
+                metric.update(features)
+                if bank is not None:
+                    bank.update(features)
         self._pending = resolved
 
     def compute(self) -> dict[str, float | int]:
-        """``{"fid/<name>": float, "nfe/<name>": int}`` for the pairs of the last :meth:`update`.
-        Under DDP every rank must call this (the metrics all-reduce their sums)."""
+        """``{"fid/<name>": float, "nfe/<name>": int}`` (and the KID, precision/recall keys, see
+        the module docstring) for the pairs of the last :meth:`update`. Under DDP every rank must
+        call this (the metrics all-reduce their sums and gather the feature vectors)."""
         if not self._pending:
             raise RuntimeError("FIDEvaluator.compute before update: nothing was sampled.")
         results: dict[str, float | int] = {}
@@ -260,14 +334,40 @@ class FIDEvaluator:
             results[f"fid/{name}"] = float(metric.compute())
             results[f"nfe/{name}"] = int(sampler.nfe)
             metric.reset()
+            if self.needs_features:
+                bank = self._banks[name]
+                results.update(self._fidelity(name, bank.compute()))
+                bank.reset()
         self._pending = []
+        return results
+
+    def _fidelity(self, name: str, fake: Tensor) -> dict[str, float]:
+        """KID and precision/recall of ``fake`` ``(N, D)`` against the real feature sample."""
+        real = self._real.features if self._real is not None else None
+        if real is None or real.shape[0] == 0:
+            raise RuntimeError("FIDEvaluator: the real statistics carry no feature sample "
+                               "(real_features=0?); KID and precision/recall need one.")
+        results: dict[str, float] = {}
+        if self.kid:
+            mean, std = kernel_inception_distance(fake, real, self.kid_subsets,
+                                                  self.kid_subset_size, seed=self.seed)
+            results[f"kid/{name}"], results[f"kid_std/{name}"] = mean, std
+        if self.precision_recall:
+            if min(fake.shape[0], real.shape[0]) > self.prc_neighborhood:
+                precision, recall = precision_recall(fake, real, self.prc_neighborhood)
+                results[f"precision/{name}"], results[f"recall/{name}"] = precision, recall
+            else:
+                log.warning("Precision/recall skipped for %s: %d generated and %d real vectors "
+                            "are not more than prc_neighborhood=%d.", name, fake.shape[0],
+                            real.shape[0], self.prc_neighborhood)
         return results
 
     def evaluate(self, denoiser: Any, pairs: Sequence[Any], datamodule: Any, *,
                  image_shape: Sequence[int] | None = None, precision: str | int = "32",
                  compile: bool = False, freeze_weights: bool = False,
                  compile_options: dict[str, Any] | None = None, rank: int = 0,
-                 world_size: int = 1) -> dict[str, float | int]:
+                 world_size: int = 1,
+                 guidance_scale: float | None = None) -> dict[str, float | int]:
         """:meth:`prepare`, :meth:`update` (decoding with ``datamodule.decode``; ``image_shape``
         defaults to ``datamodule.image_shape``) and :meth:`compute` in one call; logs each FID."""
         started = time.monotonic()
@@ -275,7 +375,8 @@ class FIDEvaluator:
         shape = tuple(image_shape if image_shape is not None else datamodule.image_shape)
         self.update(denoiser, pairs, image_shape=shape, decode=getattr(datamodule, "decode", None),
                     precision=precision, compile=compile, freeze_weights=freeze_weights,
-                    compile_options=compile_options, rank=rank, world_size=world_size)
+                    compile_options=compile_options, rank=rank, world_size=world_size,
+                    guidance_scale=guidance_scale)
         results = self.compute()
         if rank == 0:
             self.log_results(results, time.monotonic() - started)
@@ -287,8 +388,12 @@ class FIDEvaluator:
         for key in results:
             if key.startswith("fid/"):
                 name = key[len("fid/"):]
-                log.info("FID[%s] %s = %.4f (NFE %d, %d samples, %.1fs total)", kind, name,
-                         results[key], results[f"nfe/{name}"], self.num_samples, seconds)
+                extras = "".join(f", {label} {results[f'{metric}/{name}']:.4g}"
+                                 for metric, label in (("kid", "KID"), ("precision", "precision"),
+                                                       ("recall", "recall"))
+                                 if f"{metric}/{name}" in results)
+                log.info("FID[%s] %s = %.4f (NFE %d%s; %d samples, %.1fs total)", kind, name,
+                         results[key], results[f"nfe/{name}"], extras, self.num_samples, seconds)
 
 
-__all__ = ["FIDEvaluator", "RANK_SEED_STRIDE", "local_count", "resolve_pairs"]
+__all__ = ["FIDEvaluator", "RANK_SEED_STRIDE", "balanced_labels", "local_count", "resolve_pairs"]

@@ -40,12 +40,15 @@ def frechet_distance(mean1: Tensor, cov1: Tensor, mean2: Tensor, cov2: Tensor) -
 @dataclass
 class GaussianStats:
     """Mean ``(D,)`` and unbiased covariance ``(D, D)`` (float64) of ``count`` feature vectors;
-    ``key`` names what they were computed from (the real-statistics cache key)."""
+    ``key`` names what they were computed from (the real-statistics cache key); ``features``: a
+    uniform random sample ``(M, D)`` (float32) of the vectors themselves, for KID and
+    precision/recall (None: not kept)."""
 
     mean: Tensor
     cov: Tensor
     count: int
     key: str = ""
+    features: Tensor | None = None
 
     @classmethod
     def from_sums(cls, total: Tensor, outer: Tensor, count: int, key: str = "") -> "GaussianStats":

@@ -70,4 +70,33 @@ class FrechetDistance(Metric):
         return frechet_distance(fake.mean, fake.cov, self.real_mean, self.real_cov)
 
 
-__all__ = ["FrechetDistance"]
+class FeatureBank(Metric):
+    """The generated feature vectors themselves (for KID and precision/recall): ``update(features)``
+    with ``(B, D)``; ``compute()`` -> ``(N, D)`` float32 of every rank's vectors (gathered under
+    DDP, in rank order)."""
+
+    full_state_update = False
+    is_differentiable = False
+
+    def __init__(self, num_features: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_features = int(num_features)
+        self.add_state("features", default=[], dist_reduce_fx="cat")
+
+    def update(self, features: Tensor) -> None:
+        f = features.detach().float()
+        if f.dim() != 2 or f.shape[1] != self.num_features:
+            raise ValueError(f"Expected features of shape (B, {self.num_features}), "
+                             f"got {tuple(f.shape)}.")
+        self.features.append(f)
+
+    def compute(self) -> Tensor:
+        state = self.features
+        if isinstance(state, Tensor):  # after a DDP sync: already concatenated
+            return state
+        if not state:
+            return torch.empty(0, self.num_features)
+        return torch.cat(state)
+
+
+__all__ = ["FeatureBank", "FrechetDistance"]

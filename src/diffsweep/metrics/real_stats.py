@@ -1,14 +1,20 @@
 """Real-image feature statistics, computed once and cached.
 
 Statistics are keyed by (cache version, dataset fingerprint, split, image shape, extractor
-identity incl. its weights hash, image count) and stored as ``.npz`` with the key inside, written
-atomically (:func:`diffsweep.files.atomic_write_bytes`). A cache file that cannot be read, holds
-non-finite values or was computed under another key is recomputed (with a warning), never reused.
+identity incl. its weights hash, image count, kept features) and stored as ``.npz`` with the key
+inside, written atomically (:func:`diffsweep.files.atomic_write_bytes`). A cache file that cannot
+be read, holds non-finite values or was computed under another key is recomputed (with a
+warning), never reused.
+
+Besides mean and covariance, ``features > 0`` keeps a uniform random sample of that many real
+feature vectors (reservoir sampling with a fixed seed, in the same pass over the images) for KID
+and precision/recall, which need the vectors themselves.
 
 With ``world_size > 1`` (``torch.distributed`` initialised) the ranks agree on whether every one
 of them found a valid cache; if not, each extracts the features of its shard of the real images
-(``datamodule.real_images(..., rank=, world_size=)``), the float64 sums are all-reduced, and rank
-0 writes the cache. Every rank must then call :func:`load_or_compute_real_stats`.
+(``datamodule.real_images(..., rank=, world_size=)``), the float64 sums are all-reduced, the
+ranks' feature samples (each its share of ``features``) are gathered, and rank 0 writes the
+cache. Every rank must then call :func:`load_or_compute_real_stats`.
 """
 from __future__ import annotations
 
@@ -33,12 +39,19 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 1
 
 
+#: seed of the reservoir sample of real features (rank r adds r)
+FEATURES_SEED = 0
+
+
 def real_stats_key(datamodule: Any, split: str, extractor: nn.Module,
-                   max_count: int | None) -> dict:
-    """What the cached real statistics depend on."""
-    return {"version": CACHE_VERSION, "dataset": datamodule.fingerprint(split), "split": split,
-            "image_shape": [int(s) for s in getattr(datamodule, "pixel_shape", datamodule.image_shape)],
-            "extractor": extractor.identity, "max_count": max_count}
+                   max_count: int | None, features: int = 0) -> dict:
+    """What the cached real statistics depend on (``features``: real feature vectors kept)."""
+    key = {"version": CACHE_VERSION, "dataset": datamodule.fingerprint(split), "split": split,
+           "image_shape": [int(s) for s in getattr(datamodule, "pixel_shape", datamodule.image_shape)],
+           "extractor": extractor.identity, "max_count": max_count}
+    if features:
+        key["features"] = int(features)
+    return key
 
 
 def key_json(key: dict) -> str:
@@ -55,8 +68,11 @@ def real_stats_path(cache_dir: str | os.PathLike, key: dict) -> Path:
 def save_stats(path: str | os.PathLike, stats: GaussianStats) -> None:
     """Atomically write ``stats`` (and its key) as ``.npz``."""
     buffer = io.BytesIO()
-    np.savez(buffer, mean=stats.mean.cpu().numpy(), cov=stats.cov.cpu().numpy(),
-             count=np.array(stats.count, dtype=np.int64), key=np.array(stats.key))
+    arrays = {"mean": stats.mean.cpu().numpy(), "cov": stats.cov.cpu().numpy(),
+              "count": np.array(stats.count, dtype=np.int64), "key": np.array(stats.key)}
+    if stats.features is not None:
+        arrays["features"] = stats.features.float().cpu().numpy()
+    np.savez(buffer, **arrays)
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -71,6 +87,7 @@ def load_stats(path: str | os.PathLike, expected_key: str | None = None) -> Gaus
         with np.load(path, allow_pickle=False) as archive:
             mean, cov = np.asarray(archive["mean"]), np.asarray(archive["cov"])
             count, key = int(archive["count"]), str(archive["key"])
+            features = np.asarray(archive["features"]) if "features" in archive.files else None
     except Exception as error:  # noqa: BLE001 - truncated zip, missing arrays, garbage...
         raise ValueError(f"unreadable ({type(error).__name__}: {error})") from error
     if expected_key is not None and key != expected_key:
@@ -80,15 +97,80 @@ def load_stats(path: str | os.PathLike, expected_key: str | None = None) -> Gaus
         raise ValueError(f"bad shapes mean {mean.shape}, cov {cov.shape}")
     if count < 2 or not (np.isfinite(mean).all() and np.isfinite(cov).all()):
         raise ValueError("non-finite values or count < 2")
+    wanted = int(json.loads(key).get("features", 0)) if key.startswith("{") else 0
+    if wanted and features is None:
+        raise ValueError("the feature sample is missing")
+    if features is not None:
+        if features.ndim != 2 or features.shape[1] != d or not np.isfinite(features).all():
+            raise ValueError(f"bad feature sample of shape {features.shape}")
+        features = torch.from_numpy(features.astype(np.float32))
     return GaussianStats(torch.from_numpy(mean).double(), torch.from_numpy(cov).double(), count,
-                         key)
+                         key, features)
+
+
+class FeatureReservoir:
+    """A uniform random sample of at most ``capacity`` rows of a stream of ``(B, D)`` feature
+    batches (reservoir sampling, Algorithm R), reproducible from ``seed``; kept as float32 on the
+    CPU."""
+
+    def __init__(self, capacity: int, seed: int = FEATURES_SEED) -> None:
+        if int(capacity) < 0:
+            raise ValueError(f"FeatureReservoir capacity must be >= 0, got {capacity}.")
+        self.capacity = int(capacity)
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.seen = 0
+        self._rows: Tensor | None = None
+
+    def add(self, features: Tensor) -> None:
+        """Offer the rows of ``features`` ``(B, D)`` in order."""
+        batch = features.detach().float().cpu()
+        if self.capacity == 0 or batch.shape[0] == 0:
+            self.seen += batch.shape[0]
+            return
+        if self._rows is None:
+            self._rows = torch.empty(0, batch.shape[1])
+        fill = min(self.capacity - self._rows.shape[0], batch.shape[0])
+        if fill > 0:
+            self._rows = torch.cat([self._rows, batch[:fill]])
+        rest = batch[fill:]
+        if rest.shape[0]:
+            positions = torch.arange(self.seen + fill, self.seen + batch.shape[0],
+                                     dtype=torch.float64)
+            draws = torch.rand(rest.shape[0], generator=self.generator, dtype=torch.float64)
+            slots = torch.floor(draws * (positions + 1)).long()
+            for index in torch.nonzero(slots < self.capacity).flatten().tolist():
+                self._rows[slots[index]] = rest[index]  # in order: a later row wins a slot
+        self.seen += batch.shape[0]
+
+    def result(self) -> Tensor:
+        """The sample ``(min(capacity, seen), D)``."""
+        if self._rows is None:
+            return torch.empty(0, 0)
+        return self._rows.clone()
+
+
+def _gather_rows(local: Tensor, device: torch.device) -> Tensor:
+    """All ranks' ``(n_r, D)`` rows concatenated in rank order (rows may differ in number)."""
+    count = torch.tensor([local.shape[0]], dtype=torch.long, device=device)
+    counts = [torch.zeros_like(count) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(counts, count)
+    width = torch.tensor([local.shape[1] if local.numel() else 0], device=device)
+    torch.distributed.all_reduce(width, op=torch.distributed.ReduceOp.MAX)
+    longest = int(max(int(c) for c in counts))
+    padded = torch.zeros(longest, int(width), device=device)
+    if local.numel():
+        padded[:local.shape[0]] = local.to(device)
+    gathered = [torch.zeros_like(padded) for _ in counts]
+    torch.distributed.all_gather(gathered, padded)
+    return torch.cat([rows[:int(c)] for rows, c in zip(gathered, counts)]).cpu()
 
 
 @torch.no_grad()
 def feature_sums(extractor: nn.Module, batches: Iterable[Tensor], batch_size: int = 250,
-                 device: torch.device | str | None = None) -> tuple[Tensor, Tensor, int]:
+                 device: torch.device | str | None = None,
+                 reservoir: FeatureReservoir | None = None) -> tuple[Tensor, Tensor, int]:
     """``(sum f (D,), sum f f^T (D, D), n)`` in float64 on ``device`` over batches of ``[-1, 1]``
-    images (zeros and 0 for no images)."""
+    images (zeros and 0 for no images); the features are also offered to ``reservoir``."""
     device = torch.device(device) if device is not None else module_device(extractor)
     d = int(extractor.num_features)
     total = torch.zeros(d, dtype=torch.float64, device=device)
@@ -99,6 +181,8 @@ def feature_sums(extractor: nn.Module, batches: Iterable[Tensor], batch_size: in
         total += features.sum(0)
         outer += features.T @ features
         count += features.shape[0]
+        if reservoir is not None:
+            reservoir.add(features)
     return total, outer, count
 
 
@@ -135,16 +219,20 @@ def load_or_compute_real_stats(datamodule: Any, extractor: nn.Module,
                                cache_dir: str | os.PathLike, split: str = "train",
                                max_count: int | None = None, batch_size: int = 250,
                                device: torch.device | str | None = None, rank: int = 0,
-                               world_size: int = 1) -> GaussianStats:
+                               world_size: int = 1, features: int = 0) -> GaussianStats:
     """Real statistics (on the CPU) for (datamodule, split, extractor), from the cache when valid.
 
     ``datamodule`` needs ``fingerprint(split)``, ``image_shape`` and ``real_images(split,
     max_count, batch_size=, rank=, world_size=)``. ``max_count``: at most this many real images
-    (None: all). With ``world_size > 1`` every rank must call this (see the module docstring).
+    (None: all). ``features``: also keep a random sample of this many real feature vectors
+    (``GaussianStats.features``). With ``world_size > 1`` every rank must call this (see the
+    module docstring).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}.")
-    key = real_stats_key(datamodule, split, extractor, max_count)
+    if int(features) < 0:
+        raise ValueError(f"features must be >= 0, got {features}.")
+    key = real_stats_key(datamodule, split, extractor, max_count, int(features))
     expected = key_json(key)
     path = real_stats_path(cache_dir, key)
     device = torch.device(device) if device is not None else module_device(extractor)
@@ -163,21 +251,29 @@ def load_or_compute_real_stats(datamodule: Any, extractor: nn.Module,
              key["dataset"], split, key["extractor"], rank, world_size)
     batches = datamodule.real_images(split, max_count, batch_size=batch_size, rank=rank,
                                      world_size=world_size)
-    total, outer, count = feature_sums(extractor, batches, batch_size, device)
+    share, remainder = divmod(int(features), world_size)  # this rank's part of the sample
+    reservoir = (FeatureReservoir(share + (rank < remainder), FEATURES_SEED + rank)
+                 if features else None)
+    total, outer, count = feature_sums(extractor, batches, batch_size, device, reservoir)
+    sample = reservoir.result() if reservoir is not None else None
     if distributed:
         counts = torch.tensor(count, dtype=torch.float64, device=device)
         for tensor in (total, outer, counts):
             torch.distributed.all_reduce(tensor)
         count = int(counts.item())
+        if sample is not None:
+            sample = _gather_rows(sample, device)
     if count == 0:
         raise ValueError(f"No real images in split {split!r} to compute FID statistics from.")
     stats = GaussianStats.from_sums(total.cpu(), outer.cpu(), count, expected)
+    stats.features = sample
     if rank == 0:
         save_stats(path, stats)
         log.info("FID: real statistics (%d images) cached at %s", stats.count, path)
     return stats
 
 
-__all__ = ["CACHE_VERSION", "compute_stats", "feature_sums", "key_json",
+__all__ = ["CACHE_VERSION", "FEATURES_SEED", "FeatureReservoir", "compute_stats", "feature_sums",
+           "key_json",
            "load_or_compute_real_stats", "load_stats", "real_stats_key", "real_stats_path",
            "save_stats"]

@@ -1,0 +1,255 @@
+"""A run killed at any step and rerun with the same command ends with the uninterrupted run's
+weights, bit for bit (CPU, one thread: the same operations in the same order).
+
+Epochs here are 4 optimizer steps (36 training images in batches of 8, or
+``++trainer.limit_train_batches=4``), checkpoints every 2 steps, validation every 4: step 4 is the
+last batch of epoch 0 and has a checkpoint, the case that used to skip a whole epoch (or the first
+4 batches of epoch 1) of data on resume.
+
+The fast tests kill in-process by raising at a chosen point; the slow one kills a ``train.py``
+process with SIGKILL (and once SIGTERM) at many points and reruns the plain command.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+import diffsweep.train as train_module
+from diffsweep.checkpoints import AtomicCheckpointIO
+from diffsweep.resume import read_done, read_status
+from tests.conftest import REPO, compose_config
+
+STEPS = 12
+#: A run of three 4-step epochs that takes about a second.
+TINY = [
+    f"trainer.max_steps={STEPS}", "trainer.val_check_interval=4", "++trainer.limit_val_batches=1",
+    "trainer.log_every_n_steps=1", "trainer.enable_model_summary=false", "data.batch_size=8",
+    "data.resolution=8", "model.base_channels=8", "model.channel_mults=[1,2]",
+    "model.attention_resolutions=[]", "model.num_groups=4", "sampler.num_steps=2",
+    "callbacks.model_checkpoint.every_n_train_steps=2", "~callbacks.sample_grid",
+    "~callbacks.progress_bar", "~callbacks.lr_monitor", "logger=none", "lr_schedule.warmup_steps=3",
+    "num_threads=1",
+]
+#: The two ways an epoch is 4 steps: a 36-image training split, or Lightning's batch limit.
+SMALL_SPLIT = ["data.source.val_fraction=0.98"]
+LIMITED = ["++trainer.limit_train_batches=4"]
+
+
+class _Killed(Exception):
+    """Stands in for the process dying (raised through Lightning like any crash)."""
+
+
+class _KillAtStep(L.Callback):
+    """Raise at the start of training step ``step`` (the optimizer has done ``step`` steps)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise _Killed(f"killed before step {self.step}")
+
+
+def _final_weights(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == STEPS
+    return {"ema": checkpoint["state_dict"], "raw": checkpoint["current_model_state"]}
+
+
+def assert_same_weights(reference: Path, resumed: Path) -> None:
+    expected, got = _final_weights(reference), _final_weights(resumed)
+    for kind in ("ema", "raw"):
+        assert expected[kind].keys() == got[kind].keys()
+        for name, value in expected[kind].items():
+            assert torch.equal(value, got[kind][name]), (kind, name)
+
+
+def _train(run_dir: Path, overrides: list[str], monkeypatch=None, kill: L.Callback | None = None):
+    cfg = compose_config("train", [*TINY, *overrides], run_dir)
+    if kill is None:
+        return train_module.run(cfg)
+    build_callbacks = train_module.build_callbacks
+    monkeypatch.setattr(train_module, "build_callbacks", lambda c: [*build_callbacks(c), kill])
+    try:
+        with pytest.raises(_Killed):
+            train_module.run(cfg)
+    finally:
+        monkeypatch.setattr(train_module, "build_callbacks", build_callbacks)
+    assert read_status(run_dir)["status"] == "failed"
+
+
+def test_killed_after_the_epoch_boundary_checkpoint_resumes_to_the_same_weights(
+        tmp_path, monkeypatch, single_thread):
+    """Checkpoint of step 4 = the last batch of epoch 0; killed at step 5; rerun: epoch 1 must
+    start at its first batch (with limit_train_batches it used to skip its first 4)."""
+    reference = tmp_path / "reference"
+    _train(reference, LIMITED)
+    killed = tmp_path / "killed"
+    _train(killed, LIMITED, monkeypatch, kill=_KillAtStep(5))
+    _train(killed, LIMITED)
+    assert read_status(killed)["status"] == "finished"
+    assert_same_weights(reference, killed)
+
+
+def test_killed_right_after_a_checkpoint_write_resumes_from_it(tmp_path, monkeypatch,
+                                                               single_thread):
+    """Killed between writing step_0000006.ckpt and last.ckpt (still at step 4): the rerun
+    resumes from step 6 (the newest by global step), mid-epoch, on the small split."""
+    reference = tmp_path / "reference"
+    _train(reference, SMALL_SPLIT)
+    save = AtomicCheckpointIO.save_checkpoint
+
+    def save_then_die(self, checkpoint, path, storage_options=None):
+        save(self, checkpoint, path, storage_options)
+        if Path(path).name == "step_0000006.ckpt":
+            raise _Killed("killed after writing step 6")
+
+    killed = tmp_path / "killed"
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        _train(killed, SMALL_SPLIT)
+    monkeypatch.undo()
+    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=False)[
+        "global_step"] == 4
+    _train(killed, SMALL_SPLIT)
+    assert_same_weights(reference, killed)
+    assert read_done(killed)["global_step"] == STEPS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("epochs", ["small_split", "limited"])
+def test_every_kill_point_in_process_resumes_to_the_same_weights(tmp_path, monkeypatch,
+                                                                 single_thread, epochs):
+    """Killed before every step 1..11 (so resumed from every checkpoint 2..10, three of them at
+    epoch boundaries), and from checkpoints a preemption handler writes at the end of any step."""
+    overrides = SMALL_SPLIT if epochs == "small_split" else LIMITED
+    reference = tmp_path / "reference"
+    _train(reference, overrides)
+    for step in range(1, STEPS):
+        killed = tmp_path / f"killed_{step}"
+        _train(killed, overrides, monkeypatch, kill=_KillAtStep(step))
+        _train(killed, overrides)
+        assert_same_weights(reference, killed)
+
+    class SaveAndDie(L.Callback):  # what callbacks.preemption does at a signal
+        def __init__(self, step):
+            self.step = step
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == self.step:
+                trainer.save_checkpoint(Path(trainer.default_root_dir) / "checkpoints"
+                                        / f"step_{self.step:07d}.ckpt")
+                raise _Killed("saved and stopped")
+
+    for step in (3, 4, 5, 8):
+        stopped = tmp_path / f"stopped_{step}"
+        _train(stopped, overrides, monkeypatch, kill=SaveAndDie(step))
+        _train(stopped, overrides)
+        assert_same_weights(reference, stopped)
+
+
+# ------------------------------------------------------------------------ SIGKILL, subprocesses
+
+#: ``python -c`` program: ``train.py`` with a kill planted at ``point`` (``step N``: SIGKILL in
+#: training step N; ``after-save N``: right after step_N.ckpt is written; ``mid-save N``: while
+#: step_N.ckpt is half written; ``sigterm N``: SIGTERM in step N, which saves and stops).
+KILL_HARNESS = r"""
+import os, runpy, signal, sys
+point, value = sys.argv[1], int(sys.argv[2])
+sys.argv = [sys.argv[3], *sys.argv[4:]]
+from diffsweep import files
+from diffsweep.checkpoints import AtomicCheckpointIO
+from diffsweep.module import DiffusionModule
+if point in ("step", "sigterm"):
+    training_step = DiffusionModule.training_step
+    def dying_step(self, batch, batch_idx):
+        if self.global_step == value:
+            os.kill(os.getpid(), signal.SIGKILL if point == "step" else signal.SIGTERM)
+        return training_step(self, batch, batch_idx)
+    DiffusionModule.training_step = dying_step
+else:
+    save = AtomicCheckpointIO.save_checkpoint
+    name = f"step_{value:07d}.ckpt"
+    def dying_save(self, checkpoint, path, storage_options=None):
+        if point == "mid-save" and os.path.basename(str(path)) == name:
+            def half_then_die(obj, handle):
+                handle.write(b"half a checkpoint")
+                handle.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            files.torch.save = half_then_die
+        save(self, checkpoint, path, storage_options)
+        if point == "after-save" and os.path.basename(str(path)) == name:
+            os.kill(os.getpid(), signal.SIGKILL)
+    AtomicCheckpointIO.save_checkpoint = dying_save
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    env.pop("DIFFSWEEP_ROOT", None)
+    return env
+
+
+def _command(overrides: list[str], run_dir: Path | None) -> list[str]:
+    return [*TINY, *overrides, *([f"hydra.run.dir={run_dir}"] if run_dir else [])]
+
+
+def _killed_process(cwd: Path, point: str, value: int, overrides: list[str],
+                    run_dir: Path | None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", KILL_HARNESS, point, str(value),
+                           str(REPO / "train.py"), *_command(overrides, run_dir)],
+                          cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+
+
+def _plain_process(cwd: Path, overrides: list[str],
+                   run_dir: Path | None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *_command(overrides, run_dir)],
+                          cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+
+
+def _only_run_dir(cwd: Path) -> Path:
+    runs = sorted((cwd / "logs" / "train" / "runs").iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_steps_then_the_same_command_ends_with_the_same_weights(tmp_path):
+    """SIGKILL (and SIGTERM) at the epoch boundary, right after and in the middle of checkpoint
+    writes, at random steps and twice in one run; each time the plain command is rerun."""
+    overrides = LIMITED
+    reference = tmp_path / "reference"
+    result = _plain_process(tmp_path, overrides, reference)
+    assert result.returncode == 0, result.stderr[-3000:]
+    draw = random.Random(13)
+    cases = [[("step", 4)], [("after-save", 4)], [("mid-save", 6)], [("sigterm", 5)],
+             [("step", draw.randrange(1, STEPS))], [("step", 3), ("after-save", 8)]]
+    for number, kills in enumerate(cases):
+        cwd = tmp_path / f"case_{number}"
+        cwd.mkdir()
+        # the first case finds its run directory as users do (resume=auto, same command)
+        run_dir = None if number == 0 else cwd / "run"
+        for point, value in kills:
+            killed = _killed_process(cwd, point, value, overrides, run_dir)
+            expected = -signal.SIGKILL if point != "sigterm" else 128 + signal.SIGTERM
+            assert killed.returncode == expected, (kills, killed.stderr[-3000:])
+        found = run_dir or _only_run_dir(cwd)
+        assert read_status(found)["status"] in ("running", "failed"), kills
+        if ("mid-save", 6) in kills:
+            assert list((found / "checkpoints").glob(".step_0000006.ckpt.*.partial"))
+        result = _plain_process(cwd, overrides, run_dir)
+        assert result.returncode == 0, (kills, result.stderr[-3000:])
+        assert (run_dir or _only_run_dir(cwd)) == found  # no second run directory
+        assert read_status(found)["status"] == "finished" and read_done(found) is not None
+        assert not list(found.rglob("*.partial")), kills
+        assert_same_weights(reference, found)

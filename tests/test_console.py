@@ -255,3 +255,18 @@ def test_a_training_command_prints_no_harmless_warning(tmp_path):
     finally:
         del os.environ[console.SHOW_WARNINGS_ENV]
     assert shown.returncode == 0 and "LeafSpec" in shown.stdout + shown.stderr
+
+
+@pytest.mark.parametrize("path", sorted(
+    [*(CONFIGS / "logger").glob("*.yaml"), *(CONFIGS / "debug").glob("*.yaml"),
+     *(CONFIGS / "hparams_search").glob("*.yaml")]), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_console_and_logger_configs_comment_every_option(path):
+    """Every option (a key with a value) has a one-line comment; nodes and _target_ need none."""
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        match = re.match(r"^([A-Za-z_@/.]+):\s*(\S.*)?$", stripped)
+        if not match or match.group(1) in ("_target_", "defaults"):
+            continue
+        value = (match.group(2) or "").split("#")[0].strip()
+        if value:
+            assert "#" in line, f"{path.name}: no comment on {stripped!r}"

@@ -97,7 +97,8 @@ def test_csv_logger_appends_across_attempts_and_keeps_each_step_once(tmp_path):
     assert sorted(step for step, key in pairs if key == "train/loss") == list(range(9))
     loss = {int(r["step"]): float(r["train/loss"]) for r in rows if r["train/loss"]}
     assert loss[2] == 3.0 and loss[5] == 6.0 and loss[6] == 106.0  # the first attempt's rows kept
-    assert {int(r["step"]): float(r["val/loss"]) for r in rows if r["val/loss"]} == {4: 0.5, 8: 0.25}
+    val = {int(r["step"]): float(r["val/loss"]) for r in rows if r["val/loss"]}
+    assert val == {4: 0.5, 8: 0.25}
     assert sorted(step for step, key in pairs if key == "lr") == [3, 4, 5, 6, 7, 8]  # new key
     assert path.read_text().endswith("\n") and "9." not in path.read_text()
     assert not list(path.parent.glob("*.partial"))
@@ -144,7 +145,8 @@ def test_wandb_run_id_is_kept_and_a_rerun_continues_the_run_without_repeats(tmp_
     # a log cut short by a kill: the complete records before the cut, no error
     data = logs[1].read_bytes()
     logs[1].write_bytes(data[:len(data) // 2])
-    assert 0 < len(list(loggers.wandb_records(logs[1]))) < len(list(loggers.wandb_records(logs[0]))) + 100
+    complete = len(list(loggers.wandb_records(logs[0])))
+    assert 0 < len(list(loggers.wandb_records(logs[1]))) < complete
 
 
 def _hydra_job(train_config, tmp_path, *, multirun, task, sweeper_params=None,

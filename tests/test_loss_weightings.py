@@ -143,8 +143,8 @@ def test_weightings_refuse_bad_parameters_by_name():
 
 
 class SameDenoiserNet(nn.Module):
-    """The net of prediction type ``prediction_type`` whose denoiser is one fixed ``x0_hat(x~, sigma~)
-    = 0.6 x~ / (1 + 0.3 sigma~) + 0.1``: its output is that type's target evaluated at
+    """The net of prediction type ``prediction_type`` whose denoiser is one fixed
+    ``x0_hat(x~, sigma~) = 0.6 x~ / (1 + 0.3 sigma~) + 0.1``: its output is that type's target at
     (x0_hat, eps_hat = (x~ - x0_hat) / sigma~). sigma~ is told by the test (``self.sigma``)."""
 
     def __init__(self, schedule, prediction_type: str) -> None:
@@ -253,7 +253,7 @@ class Negated(nn.Module):
 
 def test_v_prediction_on_the_edm_schedule_is_edms_preconditioning_and_loss_exactly():
     """D = c_skip x + c_out F(c_in x, ln(sigma)/4) and EDM's loss lambda ||D - x0||^2 (Karras et
-    al. 2022, Table 1) equal our v_prediction denoiser over -F and its uniform (or loss=edm) loss."""
+    al. 2022, Table 1) equal our v_prediction denoiser over -F and its uniform (or edm) loss."""
     sigma = torch.tensor([0.002, 0.05, 0.5, 3.0, 80.0], dtype=torch.float64)
     data = EDM.sigma_data
     generator = torch.Generator().manual_seed(1)

@@ -415,7 +415,7 @@ def test_a_checkpoint_saved_by_an_earlier_callback_resumes_the_same_series(tmp_p
     run(compose_config("train", RUN, reference_dir))
     build_callbacks = train_module.build_callbacks
     monkeypatch.setattr(train_module, "build_callbacks",
-                        lambda cfg: [_SaveAndStop(), *build_callbacks(cfg)])
+                        lambda cfg, **kwargs: [_SaveAndStop(), *build_callbacks(cfg, **kwargs)])
     with pytest.raises(_Killed):
         run(compose_config("train", RUN, stopped_dir))
     monkeypatch.undo()

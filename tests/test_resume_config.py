@@ -66,7 +66,7 @@ def test_safe_changes_apply_and_others_are_refused_before_anything_is_written(tm
             run(_cfg(run_dir, "trainer.max_steps=6", *overrides))
         message = str(refused.value)
         assert "\n" not in message and shown in message, message
-        assert "resume=never" in message and "+resume_allow_changes=[" in message
+        assert "resume=never" in message and "resume_allow_changes=[" in message
         assert "trainer.max_steps" not in message  # a safe change is not listed
     assert (run_dir / "config_tree.log").read_bytes() == tree
     assert {path: path.stat().st_mtime_ns for path in run_dir.rglob("*")
@@ -88,7 +88,7 @@ def test_an_allowed_learning_rate_change_is_applied_to_the_restored_optimizer(tm
     assert _stored(run_dir)["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(1e-3)
     run(_cfg(run_dir, "trainer.max_steps=6", "module.optimizer.lr=2e-4",
              "module.optimizer.weight_decay=0.01",
-             "+resume_allow_changes=[module.optimizer.lr,module.optimizer.weight_decay]"))
+             "resume_allow_changes=[module.optimizer.lr,module.optimizer.weight_decay]"))
     resumed = _stored(run_dir)
     assert resumed["global_step"] == 6
     group = resumed["optimizer_states"][0]["param_groups"][0]

@@ -25,6 +25,7 @@ import torch
 
 import diffsweep.train as train_module
 from diffsweep.checkpoints import AtomicCheckpointIO
+from diffsweep.data.sampling import GlobalBatchSampler, ResumableDataLoader
 from diffsweep.resume import read_done, read_status
 from tests.conftest import REPO, compose_config
 
@@ -59,6 +60,40 @@ class _KillAtStep(L.Callback):
             raise _Killed(f"killed before step {self.step}")
 
 
+def _batches(loader) -> list[list[int]]:
+    return [batch.tolist() for batch in loader]
+
+
+def test_a_position_at_the_end_of_an_epoch_is_the_start_of_the_next():
+    """The loader's state names the next batch to train: after the last batch the trainer takes
+    from epoch 0 (all 4, or 2 under a batch limit) that is batch 0 of epoch 1."""
+    def loader(done: int, taken: float = float("inf")) -> ResumableDataLoader:
+        return ResumableDataLoader(torch.arange(32), sampler=GlobalBatchSampler(32, 8, seed=1),
+                                   batches_done=lambda: done, epoch_length=lambda: taken,
+                                   batch_size=8)
+
+    assert loader(3).state_dict() == {"epoch": 0, "batches_done": 3}
+    assert loader(4).state_dict() == {"epoch": 1, "batches_done": 0}
+    assert loader(2, taken=2).state_dict() == {"epoch": 1, "batches_done": 0}
+    uninterrupted = GlobalBatchSampler(32, 8, seed=1)
+    uninterrupted.set_epoch(1)
+    epoch_1 = _batches(ResumableDataLoader(torch.arange(32), sampler=uninterrupted,
+                                           batches_done=lambda: 0, batch_size=8))
+    for state in ({"epoch": 1, "batches_done": 0}, {"epoch": 0, "batches_done": 4}):  # new, old
+        resumed = loader(0)
+        resumed.load_state_dict(state)
+        resumed.sampler.set_epoch(1)  # what Lightning's fit loop then calls
+        assert _batches(resumed) == epoch_1
+    # a position inside epoch 0 applies to epoch 0 only, once
+    resumed = loader(0)
+    resumed.load_state_dict({"epoch": 0, "batches_done": 3})
+    resumed.sampler.set_epoch(0)
+    assert len(_batches(resumed)) == 1 and len(_batches(resumed)) == 4
+    resumed.load_state_dict({"epoch": 0, "batches_done": 3})
+    resumed.sampler.set_epoch(1)
+    assert _batches(resumed) == epoch_1
+
+
 def _final_weights(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == STEPS
@@ -78,7 +113,8 @@ def _train(run_dir: Path, overrides: list[str], monkeypatch=None, kill: L.Callba
     if kill is None:
         return train_module.run(cfg)
     build_callbacks = train_module.build_callbacks
-    monkeypatch.setattr(train_module, "build_callbacks", lambda c: [*build_callbacks(c), kill])
+    monkeypatch.setattr(train_module, "build_callbacks",
+                        lambda c, **kwargs: [*build_callbacks(c, **kwargs), kill])
     try:
         with pytest.raises(_Killed):
             train_module.run(cfg)

@@ -124,7 +124,8 @@ def test_readme_guidance_scale_axis_for_class_conditional_checkpoints(train_conf
     KID and precision/recall; an unconditional checkpoint refuses a scale."""
     from diffsweep.evaluate import run as evaluate
 
-    cfg, _ = _train(train_config, "model.num_classes=10", "callbacks.sample_grid.at_train_end=false")
+    cfg, _ = _train(train_config, "model.num_classes=10",
+                    "callbacks.sample_grid.at_train_end=false")
     ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     rows = []
     for scale in (1.0, 3.0):

@@ -35,6 +35,7 @@ def _runs(folder: Path) -> dict[str, object]:
 def test_joblib_sweep_groups_by_sweep_and_names_by_swept_values(tmp_path):
     """README: ``python train.py -m hydra/launcher=joblib hydra.launcher.n_jobs=2
     scheduler=linear,cosine`` (the [sweep] extra), with logger=wandb."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="pip install -e '.[sweep]'")
     result = run_entry_point("train.py", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                              "scheduler=linear,cosine", "logger=wandb", *TINY_TRAIN,
                              "hydra.sweep.dir=sweeps/lr", cwd=tmp_path, timeout=600)
@@ -85,7 +86,8 @@ def test_eval_sweep_logs_typed_numbers_the_training_config_and_one_summary_table
         assert all(isinstance(numbers[key], (int, float)) for key in ("fid", "kid", "nfe"))
         assert "fid_vs_nfe" not in numbers and "results" not in numbers  # no per-job tables
     # one summary run for the sweep: name summary, its results table typed
-    (summary_log,) = [p for p in (sweep / "wandb").glob("*/run-*.wandb") if not p.parent.is_symlink()]
+    (summary_log,) = [p for p in (sweep / "wandb").glob("*/run-*.wandb")
+                      if not p.parent.is_symlink()]
     (info,) = [r.run for r in loggers.wandb_records(summary_log)
                if r.WhichOneof("record_type") == "run"]
     assert (info.display_name, info.job_type, info.run_group) == ("summary", "eval", "sweep")
@@ -118,6 +120,7 @@ def test_eval_sweep_logs_typed_numbers_the_training_config_and_one_summary_table
 @pytest.mark.slow  # an Optuna search of 2 trials in a subprocess
 def test_optuna_search_runs_two_trials_and_reports_the_best(tmp_path):
     """README: ``python train.py hparams_search=lr_ema`` at tiny size (2 trials)."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install -e '.[sweep]'")
     from tests.conftest import CONFIGS
 
     group = ("hparams_search=lr_ema" if "hparams_search" in (CONFIGS / "train.yaml").read_text()
@@ -133,4 +136,5 @@ def test_optuna_search_runs_two_trials_and_reports_the_best(tmp_path):
     runs = _runs(search)
     assert {r.run_group for r in runs.values()} == {"search"}
     for r in runs.values():  # each trial named by its sampled values
-        assert r.display_name.startswith("module.optimizer.lr=") and "callbacks.ema.max_decay=" in r.display_name
+        assert r.display_name.startswith("module.optimizer.lr=")
+        assert "callbacks.ema.max_decay=" in r.display_name

@@ -424,10 +424,6 @@ def test_ddp_rank_signalled_alone_stops_both_ranks_at_one_step_and_resumes(tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="DataLoader workers die of a stop signal sent to the whole "
-                   "process group (Ctrl-C in a terminal, SLURM's --signal and scancel) until "
-                   "ImageDataModule passes diffsweep.callbacks.preemption.worker_init as "
-                   "worker_init_fn")
 def test_signal_to_the_whole_process_group_with_loader_workers_still_saves(tmp_path):
     process = subprocess.Popen(_command(*PROCESS_RUN, "data.num_workers=2"), cwd=tmp_path,
                                env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -19,9 +19,8 @@ import yaml
 
 import diffsweep.train as train_module
 from diffsweep import evaluate, results
-from diffsweep.files import partial_path
-from diffsweep.resume import (claim_new_dir, read_done, read_status, remove_stale_partials,
-                              resumable_run_dir, run_status)
+from diffsweep.files import partial_path, remove_stale_partials
+from diffsweep.resume import claim_new_dir, read_done, read_status, resumable_run_dir, run_status
 from tests.conftest import REPO, compose_config
 from tests.test_resume_kill import KILL_HARNESS, LIMITED, TINY
 
@@ -72,7 +71,7 @@ def test_a_run_stopped_before_its_end_is_not_done_and_the_rerun_finishes_it(tmp_
     job = tmp_path / "job"
     build_callbacks = train_module.build_callbacks
     monkeypatch.setattr(train_module, "build_callbacks",
-                        lambda cfg: [*build_callbacks(cfg), StopAtStep2()])
+                        lambda cfg, **kwargs: [*build_callbacks(cfg, **kwargs), StopAtStep2()])
     train_module.run(compose_config("train", RUN, job))
     monkeypatch.undo()
     assert read_status(job)["status"] == "stopped" and read_done(job) is None

@@ -20,10 +20,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from omegaconf import DictConfig, OmegaConf
 
 from diffsweep.files import DiskFullError, atomic_torch_save
-from diffsweep.hydra_utils import run_config_dict
 
 if TYPE_CHECKING:
     from diffsweep.module import DiffusionModule
@@ -31,8 +29,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 COMPILE_PREFIX = "_orig_mod."
-#: Config keys that define the weights' meaning: a checkpoint must agree with them to load.
-ARCHITECTURE_KEYS = ("model", "scheduler", "module.denoiser.prediction_type")
 
 
 class CheckpointMismatchError(ValueError):
@@ -156,30 +152,6 @@ def load_weights_only(path: str | Path,
 def strip_compile_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Remove ``torch.compile``'s ``_orig_mod.`` from parameter names."""
     return {key.replace(COMPILE_PREFIX, ""): value for key, value in state_dict.items()}
-
-
-def _select(cfg: dict[str, Any], dotted: str) -> Any:
-    return OmegaConf.select(OmegaConf.create(cfg), dotted)
-
-
-def check_compatible(checkpoint_cfg: dict[str, Any], cfg: DictConfig | dict[str, Any],
-                     keys: tuple[str, ...] = ARCHITECTURE_KEYS) -> None:
-    """Raise CheckpointMismatchError naming every differing architecture key."""
-    from diffsweep.assembly import upgrade_run_config
-
-    checkpoint_cfg = upgrade_run_config(checkpoint_cfg)
-    requested = run_config_dict(cfg) if isinstance(cfg, DictConfig) else cfg
-    differences = []
-    for key in keys:
-        old, new = _select(checkpoint_cfg, key), _select(requested, key)
-        if old is not None and new is not None and old != new:
-            differences.append(f"  {key}: checkpoint {old} vs config {new}")
-    if differences:
-        raise CheckpointMismatchError(
-            "The checkpoint was trained with a different configuration:\n"
-            + "\n".join(differences)
-            + "\nUse the same model/scheduler overrides as the training run, or start a new run "
-              "without ckpt_path.")
 
 
 def load_module(path: str | Path, weights: str = "ema",

@@ -3,8 +3,9 @@
 - :data:`HARMLESS` lists every warning and log line diffsweep silences, each with why it is
   harmless here. :func:`quiet` installs the filters (call it again freely); ``show=True`` (config
   ``console.show_warnings=true``) or ``DIFFSWEEP_SHOW_WARNINGS=1`` leaves everything visible.
-- :class:`StepProgressBar`: one bar per run counting optimizer steps up to ``max_steps`` (Lightning's
-  bar restarts at every epoch, and a 1617-image data set has 12-25 batches per epoch).
+- :class:`StepProgressBar`: one bar per run counting optimizer steps up to ``max_steps``
+  (Lightning's bar restarts at every epoch, and a 1617-image data set has 12-25 batches per
+  epoch).
 - :func:`progress_bar_kwargs`: no bar at all when the callbacks have none (Lightning would add its
   Rich bar, which shows ``Epoch 0/-2`` for step-based runs).
 """

@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Mapping
@@ -146,6 +147,44 @@ def fsync_file(path: PathLike) -> None:
         os.fsync(handle.fileno())
 
 
+_PARTIAL = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.partial$")
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_partials(directory: str | Path, recursive: bool = True,
+                          target: str | None = None) -> list[Path]:
+    """Delete the ``.<name>.<pid>.partial`` files (:func:`diffsweep.files.partial_path`) under
+    ``directory`` whose writer process is gone; returns them.
+
+    Only files of exactly that form are touched (never a real file, never a live writer's
+    partial). ``target``: only partials of that file name; ``recursive``: sub-folders too.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for path in (directory.rglob("*.partial") if recursive else directory.glob("*.partial")):
+        match = _PARTIAL.match(path.name)
+        if (match is None or path.is_symlink() or not path.is_file()
+                or (target is not None and match["name"] != target)
+                or _process_alive(int(match["pid"]))):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
 def _flock(handle: IO[Any], blocking: bool) -> bool:
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
@@ -229,7 +268,7 @@ def tensors_sha256(named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[st
     return digest.hexdigest()
 
 
-__all__ = ["DiskFullError", "is_disk_full", "atomic_torch_save", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
+__all__ = ["DiskFullError", "is_disk_full", "remove_stale_partials", "atomic_torch_save", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
            "atomic_writer", "bytes_sha256", "file_lock", "file_sha256", "fsync_directory",
            "fsync_file", "is_locked", "partial_path", "replace_atomically", "stable_hash",
            "tensors_sha256"]

@@ -171,8 +171,10 @@ def wandb_logger(mode: str = "auto", *, name: str | None = None, group: str | No
     kwargs["group"] = group or names.group
     kwargs.setdefault("resume", "allow")
     kwargs["id"] = kwargs.get("id") or wandb_run_id(save_dir)
-    settings = wandb.Settings(init_timeout=60, silent=True,
-                              x_transaction_log_flush_interval=float(flush_interval_s))
+    flush = ({"x_transaction_log_flush_interval": float(flush_interval_s)}
+             if "x_transaction_log_flush_interval" in getattr(wandb.Settings, "model_fields", {})
+             else {})  # an older wandb without the setting flushes on its own schedule
+    settings = wandb.Settings(init_timeout=60, silent=True, **flush)
     logger = ResumableWandbLogger(mode=mode, offline=(mode == "offline"), settings=settings,
                                   **kwargs)
     logger._wandb_init.pop("anonymous", None)  # wandb warns that the setting has no effect
@@ -252,7 +254,7 @@ def _sweep_override_keys(multirun_yaml: str, modified: float) -> frozenset[str]:
 
 
 def sweep_dir_of(hydra_cfg: Any) -> Path:
-    """The sweep directory of a multirun job: its output directory without ``hydra.sweep.subdir``."""
+    """The sweep directory of a multirun job: its output directory less ``hydra.sweep.subdir``."""
     from omegaconf import OmegaConf
 
     output_dir = Path(str(hydra_cfg.runtime.output_dir))
@@ -334,6 +336,7 @@ def wandb_run_id(save_dir: str | Path) -> str:
 _LOG_BLOCK = 32768       # wandb's transaction log: leveldb-log blocks...
 _LOG_HEADER = 7          # ...of records with a 7-byte header (crc32, length, type)
 _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+_LOG_MAGIC = struct.pack("<H", 0xBEE1)  # after ":W&B" in the file header (then a version byte)
 
 
 def wandb_records(path: str | Path) -> Iterator[Any]:
@@ -342,8 +345,8 @@ def wandb_records(path: str | Path) -> Iterator[Any]:
     from wandb.proto import wandb_internal_pb2
 
     data = Path(path).read_bytes()
-    if len(data) < _LOG_HEADER or data[:4] != b":W&B" or struct.unpack("<H", data[4:6])[0] != 0xBEE1:
-        return
+    if len(data) < _LOG_HEADER or data[:4] != b":W&B" or data[4:6] != _LOG_MAGIC:
+        return  # not a W&B transaction log (or not even its header)
     offset, pending = _LOG_HEADER, b""
     while True:
         left = _LOG_BLOCK - offset % _LOG_BLOCK

@@ -196,7 +196,7 @@ class SoftMinSNRWeighting(LossWeighting):
 
 
 class EDMWeighting(LossWeighting):
-    """EDM (Karras et al. 2022): ``w = lambda(sigma) = (sigma~^2 + sigma_d^2) / (sigma~ sigma_d)^2``,
+    """EDM (Karras et al. 2022): ``w = lambda = (sigma~^2 + sigma_d^2) / (sigma~ sigma_d)^2``,
     unit weight on the F-target (= uniform v_prediction MSE).
 
     Args:
@@ -282,7 +282,7 @@ class DenoisingLoss:
         return torch.as_tensor(self.weighting(sigma, denoiser.schedule))
 
     def x0_weight(self, sigma: Tensor, denoiser: Denoiser) -> Tensor:
-        """The objective in x0 terms: ``w(sigma~)`` with loss ``= w ||x0_hat - x0||^2`` (float64)."""
+        """The objective in x0 terms: ``w(sigma~)``, loss ``= w ||x0_hat - x0||^2`` (float64)."""
         sigma = torch.as_tensor(sigma, dtype=torch.float64)
         weight = self.sample_weight(sigma, denoiser)
         c = target_x0_weight(denoiser.prediction_type, sigma, denoiser.schedule.sigma_data)

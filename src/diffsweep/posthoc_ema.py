@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffsweep.files import atomic_write_bytes
+from diffsweep.files import atomic_write_bytes, remove_stale_partials
 
 log = logging.getLogger(__name__)
 
@@ -298,8 +298,7 @@ def drop_snapshots_after(directory: str | Path, step: int) -> list[Path]:
         if match and int(match.group(1)) > step:
             path.unlink(missing_ok=True)
             dropped.append(path)
-        elif path.name.startswith(".step_") and path.name.endswith(".partial"):
-            path.unlink(missing_ok=True)  # atomic_writer's partial of a killed write
+    remove_stale_partials(directory, recursive=False)  # atomic_writer's partials of killed writes
     return dropped
 
 

@@ -60,7 +60,7 @@ def append_row(path: str | Path, row: Mapping[str, Any],
     is replaced in place (further duplicates of it are dropped), and nothing is written when it
     already equals ``row``. Partial files left by writers killed mid-write are removed.
     """
-    from diffsweep.resume import remove_stale_partials
+    from diffsweep.files import remove_stale_partials
 
     path = Path(path)
     new_row = {column: _cell(value) for column, value in row.items()}
@@ -71,7 +71,8 @@ def append_row(path: str | Path, row: Mapping[str, Any],
             rows.append(new_row)
         else:
             wanted = row_key(new_row, key)
-            same = [index for index, existing in enumerate(rows) if row_key(existing, key) == wanted]
+            same = [index for index, existing in enumerate(rows)
+                    if row_key(existing, key) == wanted]
             if len(same) == 1 and all(rows[same[0]].get(column, "") == value
                                       for column, value in new_row.items()):
                 return False

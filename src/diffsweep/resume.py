@@ -25,10 +25,10 @@ Config changes on resume
     (run length, logging/validation/checkpoint cadence, grids, metrics, loggers, paths, threads,
     devices) apply; any other change is refused before anything is built or written, with one
     line (a :class:`~diffsweep.checkpoints.CheckpointMismatchError`) listing ``key: old -> new``
-    and the two ways out: ``resume=never`` in a new run
-    directory, or ``+resume_allow_changes=[key,...]`` to resume and apply them (optimizer
-    hyperparameters such as ``module.optimizer.lr`` are then written into the restored optimizer
-    and LR schedule: :class:`ApplyOptimizerChanges`).
+    and the two ways out: ``resume=never`` in a new run directory, or
+    ``resume_allow_changes=[key,...]`` to resume and apply them (optimizer hyperparameters such
+    as ``module.optimizer.lr`` are then written into the restored optimizer and LR schedule:
+    :class:`ApplyOptimizerChanges`).
 
 Leftovers of killed writers
     A writer killed mid-write leaves ``.<name>.<pid>.partial`` beside its target
@@ -43,7 +43,6 @@ import itertools
 import json
 import logging
 import os
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +51,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import lightning as L
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from diffsweep.files import atomic_write_json, file_lock, is_locked, stable_hash
+from diffsweep.files import (atomic_write_json, file_lock, is_locked, remove_stale_partials,
+                             stable_hash)
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,8 @@ SAFE_ON_RESUME: tuple[str, ...] = (
     # where and on how many devices (a global batch is the same on 1 or N devices)
     "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
     "trainer.use_distributed_sampler", "trainer.benchmark", "trainer.deterministic",
-    "num_threads", "matmul_precision", "paths", "data*.root", "data.val_batch_size",
+    "num_threads", "matmul_precision", "paths", "data*.root", "*.cache_dir", "*.output_dir",
+    "data.val_batch_size",
     # how validation grids and FID sample (the validation sampler, its precision, compilation)
     "sampler", "module.sampler", "module.sample_precision", "module.sample_compile",
     "module.compile", "module.compile_options",
@@ -97,7 +98,6 @@ _ABSENT = "<absent>"
 _MODULE_ALIASES = {"module.denoiser.net": "model", "module.denoiser.schedule": "scheduler",
                    "module.loss": "loss", "module.lr_schedule": "lr_schedule",
                    "module.sampler": "sampler"}
-_PARTIAL = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.partial$")
 
 
 # ------------------------------------------------------------------------------ run directories
@@ -188,7 +188,8 @@ def training_complete(trainer: L.Trainer) -> bool:
     max_epochs = trainer.max_epochs
     if max_epochs is not None and max_epochs >= 0 and trainer.current_epoch >= max_epochs:
         return True
-    return any(getattr(callback, "stopped_epoch", 0) for callback in trainer.early_stopping_callbacks)
+    return any(getattr(callback, "stopped_epoch", 0)
+               for callback in trainer.early_stopping_callbacks)
 
 
 class RunRecord:
@@ -248,41 +249,6 @@ def run_status(run_dir: str | Path, signature: str, enabled: bool = True) -> Ite
 
 
 # ------------------------------------------------------------------------------ partial files
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def remove_stale_partials(directory: str | Path, recursive: bool = True,
-                          target: str | None = None) -> list[Path]:
-    """Delete the ``.<name>.<pid>.partial`` files (:func:`diffsweep.files.partial_path`) under
-    ``directory`` whose writer process is gone; returns them.
-
-    Only files of exactly that form are touched (never a real file, never a live writer's
-    partial). ``target``: only partials of that file name; ``recursive``: sub-folders too.
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    removed = []
-    for path in (directory.rglob("*.partial") if recursive else directory.glob("*.partial")):
-        match = _PARTIAL.match(path.name)
-        if (match is None or path.is_symlink() or not path.is_file()
-                or (target is not None and match["name"] != target)
-                or _process_alive(int(match["pid"]))):
-            continue
-        path.unlink(missing_ok=True)
-        removed.append(path)
-    return removed
-
 
 # ------------------------------------------------------------------------------ config changes
 
@@ -387,7 +353,7 @@ def allowed_changes(cfg: DictConfig | Mapping[str, Any]) -> list[str]:
         allowed = [allowed]
     if not isinstance(allowed, list) or not all(isinstance(item, str) for item in allowed):
         raise ValueError(f"resume_allow_changes={allowed!r} is not allowed: give a list of config "
-                         f"keys, e.g. +resume_allow_changes=[module.optimizer.lr,data.batch_size].")
+                         f"keys, e.g. resume_allow_changes=[module.optimizer.lr,data.batch_size].")
     return allowed
 
 
@@ -418,7 +384,7 @@ def check_resume_config(stored: Mapping[str, Any], cfg: DictConfig, source: str 
             f"{'; '.join(str(change) for change in refused)}. Keep those values to resume; start "
             f"afresh with resume=never (in a new run directory: drop hydra.run.dir / "
             f"hydra.sweep.dir); or resume and apply the change with "
-            f"+resume_allow_changes=[{keys}].")
+            f"resume_allow_changes=[{keys}].")
     if changes:
         log.info("Resuming %s; config changes that apply: %s", source,
                  "; ".join(str(change) for change in changes if change.key != "ckpt_path"))
@@ -603,8 +569,9 @@ def mark_evaluation_done(cfg: DictConfig, output_dir: str | Path, row: Mapping[s
     write_done(output_dir, {"row": dict(row), "digest": evaluation_digest(cfg)})
 
 
-__all__ = ["ApplyOptimizerChanges", "ConfigChange", "DONE_FILE", "LOCK_FILE", "ResumePoint", "RunRecord", "SAFE_ON_RESUME", "STATUS_FILE", "check_resume_config",
-           "checkpoint_folder", "claim_new_dir", "config_changes", "evaluation_digest",
-           "find_resume_point", "finished_evaluation", "flatten_config", "key_matches",
-           "mark_evaluation_done", "read_done", "read_status", "remove_stale_partials",
-           "resumable_run_dir", "run_status", "training_complete", "write_done"]
+__all__ = ["ApplyOptimizerChanges", "ConfigChange", "DONE_FILE", "LOCK_FILE", "ResumePoint",
+           "RunRecord", "SAFE_ON_RESUME", "STATUS_FILE", "check_resume_config", "checkpoint_folder",
+           "claim_new_dir", "config_changes", "evaluation_digest", "find_resume_point",
+           "finished_evaluation", "flatten_config", "key_matches", "mark_evaluation_done",
+           "read_done", "read_status", "resumable_run_dir", "run_status",
+           "training_complete", "write_done"]

@@ -3,7 +3,8 @@ VAE latents of any of them)."""
 
 from __future__ import annotations
 
-from typing import Iterator
+import functools
+from typing import Callable, Iterator
 
 import lightning.pytorch as pl
 import torch
@@ -133,6 +134,7 @@ class ImageDataModule(pl.LightningDataModule):
             pin_memory=self._pin_memory(),
             collate_fn=collate,
             generator=generator,
+            worker_init_fn=self._worker_init(),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -153,7 +155,17 @@ class ImageDataModule(pl.LightningDataModule):
             batch_size=self.per_rank_batch_size, drop_last=False,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
             pin_memory=self._pin_memory(), collate_fn=collate,
-            generator=torch.Generator().manual_seed(self.seed))
+            generator=torch.Generator().manual_seed(self.seed), worker_init_fn=self._worker_init())
+
+    def _worker_init(self) -> Callable[[int], None] | None:
+        """Loader workers ignore stop signals (the main process saves a checkpoint on them; a
+        signal to the whole process group must not kill the workers first) and get Lightning's
+        worker seeding."""
+        if self.num_workers == 0:
+            return None
+        from diffsweep.callbacks.preemption import worker_init
+
+        return functools.partial(worker_init, rank=self.rank)
 
     def _batches_done(self) -> int:
         """Training batches of the current epoch the trainer has finished (for resuming)."""

@@ -18,17 +18,26 @@ from tests.conftest import run_entry_point
 
 
 class KillAtStep(Callback):
-    """SIGKILLs its own process at optimizer step ``step`` (once: ``marker`` records it), after
-    ``wait_s`` seconds (so W&B's transaction log is flushed, as on a long run)."""
+    """SIGKILLs its own process at optimizer step ``step`` (once: ``marker`` records it), once
+    W&B's transaction log holds ``train/loss`` of every step before ``step - 1`` (on a long run its
+    periodic flushes have written them; on a busy test machine the first flush can be late)."""
 
-    def __init__(self, step: int, marker: str, wait_s: float = 0.0) -> None:
-        self.step, self.marker, self.wait_s = int(step), Path(marker), float(wait_s)
+    def __init__(self, step: int, marker: str, timeout_s: float = 60.0) -> None:
+        self.step, self.marker, self.timeout_s = int(step), Path(marker), float(timeout_s)
 
     def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.step and not self.marker.exists():
-            self.marker.write_text("killed")
-            time.sleep(self.wait_s)
-            os.kill(os.getpid(), signal.SIGKILL)
+        if trainer.global_step != self.step or self.marker.exists():
+            return
+        self.marker.write_text("killed")
+        (wandb_logger,) = [lg for lg in trainer.loggers if isinstance(lg, loggers.WandbLogger)]
+        save_dir, run_id = wandb_logger._wandb_init["dir"], wandb_logger._wandb_init["id"]
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            logged = loggers.wandb_logged_steps(save_dir, run_id)
+            if all("train/loss" in logged.get(step, ()) for step in range(self.step - 1)):
+                break
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _pairs(rows, step_key):
@@ -38,15 +47,17 @@ def _pairs(rows, step_key):
 
 
 @pytest.mark.slow  # two train.py processes
-def test_kill_and_rerun_continues_one_wandb_run_and_keeps_every_step_once(tmp_path):
+def test_kill_and_rerun_continues_one_wandb_run_and_keeps_every_step_once(tmp_path, monkeypatch):
+    # each train.py starts its own wandb service, as from a shell: an earlier W&B test in this
+    # process exported WANDB_SERVICE, and a killed run's id stays "in use" in a shared service
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
     command = ["logger=many", "trainer.max_steps=8", "trainer.val_check_interval=4",
                "trainer.log_every_n_steps=1", "trainer.enable_model_summary=false",
                "data.batch_size=16", "sampler.num_steps=2", "callbacks.sample_grid.num_samples=4",
                "callbacks.model_checkpoint.every_n_train_steps=2", "lr_schedule.warmup_steps=0",
                "logger.wandb.flush_interval_s=0.2",
                "+callbacks.kill._target_=tests.test_reviewing_resume.KillAtStep",
-               "+callbacks.kill.step=5", f"+callbacks.kill.marker={tmp_path / 'killed'}",
-               "+callbacks.kill.wait_s=1.5"]
+               "+callbacks.kill.step=5", f"+callbacks.kill.marker={tmp_path / 'killed'}"]
     killed = run_entry_point("train.py", *command, cwd=tmp_path)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     (run_dir,) = (tmp_path / "logs" / "train" / "runs").iterdir()
@@ -64,8 +75,8 @@ def test_kill_and_rerun_continues_one_wandb_run_and_keeps_every_step_once(tmp_pa
         rows = list(csv.DictReader(handle))
     pairs = _pairs(rows, "step")
     assert len(pairs) == len(set(pairs))
-    assert sorted(step for step, key in pairs if key == "train/loss") == list(range(8))
-    assert sorted(step for step, key in pairs if key == "val/loss") == [3, 7]
+    assert sorted(step for step, key in pairs if key == "train/loss") == list(range(8)), after
+    assert sorted(step for step, key in pairs if key == "val/loss") == [3, 7], after
     first_rows = before.splitlines()[1:]
     assert all(line in after.splitlines() for line in first_rows) and len(first_rows) >= 8
 
@@ -78,8 +89,9 @@ def test_kill_and_rerun_continues_one_wandb_run_and_keeps_every_step_once(tmp_pa
     assert {(info.job_type, info.run_group) for info in infos} == {("train", run_dir.name)}
     history = [row for path in logs for row in loggers.wandb_history(path)]
     wandb_pairs = _pairs(history, "trainer/global_step")
-    assert len(wandb_pairs) == len(set(wandb_pairs))
-    assert sorted(step for step, key in wandb_pairs if key == "train/loss") == list(range(8))
+    assert len(wandb_pairs) == len(set(wandb_pairs)), wandb_pairs
+    assert sorted(step for step, key in wandb_pairs if key == "train/loss") == list(range(8)), \
+        wandb_pairs
     first_attempt = _pairs(loggers.wandb_history(logs[0]), "trainer/global_step")
     assert any(step >= 4 for step, _ in first_attempt)  # logged before the kill, kept
     grids = sorted(row["trainer/global_step"] for row in history if "samples/_type" in row)

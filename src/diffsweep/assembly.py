@@ -132,8 +132,11 @@ def default_strategy(trainer_cfg: DictConfig) -> dict[str, Any]:
 
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Any]) -> L.Trainer:
     """``cfg.trainer`` with the run's callbacks and loggers."""
+    from diffsweep.console import progress_bar_kwargs
+
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                       **default_strategy(cfg.trainer))
+                       **default_strategy(cfg.trainer),
+                       **progress_bar_kwargs(cfg.trainer, callbacks))
 
 
 __all__ = ["build_callbacks", "build_datamodule", "build_loggers", "build_module", "build_trainer",

@@ -687,7 +687,8 @@ def _hydra_callback_base() -> type:
 class ResultsSummary(_hydra_callback_base()):
     """Hydra callback (``hydra.callbacks``) of ``evaluate.py``: when a sweep ends, one W&B run
     (``name=summary``, ``job_type=eval``, group = the sweep) logs the sweep's whole results file as
-    one typed table ``results``. Nothing happens without a ``logger.wandb`` entry.
+    one typed table ``results`` (:func:`typed_table`). Nothing happens without a ``logger.wandb``
+    entry; a single evaluation (no sweep) has only its own run.
 
     Args:
         table: the W&B table's key.
@@ -706,7 +707,10 @@ class ResultsSummary(_hydra_callback_base()):
         if not wandb_cfg:
             return
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
-        rows = read_rows(sweep_dir / "results.csv")
+        # the default results_file names the job dir (unresolvable here): <sweep dir>/results.csv
+        results_file = OmegaConf.select(config, "results_file", default=None,
+                                        throw_on_resolution_failure=False)
+        rows = read_rows(results_file or sweep_dir / "results.csv")
         if not rows:
             return
 

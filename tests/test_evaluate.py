@@ -13,6 +13,7 @@ from diffsweep.train import run
 from tests.conftest import run_entry_point
 
 
+@pytest.mark.slow  # > 15 s: runs in .ci/run's slow step
 def test_evaluate_multirun_appends_one_row_per_job(train_config, tmp_path):
     cfg = train_config("callbacks.sample_grid.at_train_end=false")
     run(cfg)

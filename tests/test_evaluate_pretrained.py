@@ -31,6 +31,7 @@ def pipeline_folder(tmp_path):
     return save_pipeline(diffusers.DDIMPipeline(tiny_unet(), scheduler), tmp_path / "pipe")
 
 
+@pytest.mark.slow  # > 15 s: runs in .ci/run's slow step
 def test_readme_sweep_over_a_pretrained_pipeline_writes_one_row_per_job(pipeline_folder, tmp_path):
     result = run_entry_point("evaluate.py", f"pretrained={pipeline_folder}", *TINY_EVAL, "-m",
                              "sampler=ddim,dpmpp_2m", "sampler.num_steps=2",

@@ -135,6 +135,7 @@ def test_inductor_compiled_sampling_matches_eager_before_and_after_a_weight_chan
         assert torch.allclose(_sample(module, **compiled), _sample(module), atol=1e-4)
 
 
+@pytest.mark.slow  # > 15 s: runs in .ci/run's slow step
 def test_evaluate_samples_at_the_configured_precision(train_config, tmp_path):
     from diffsweep.evaluate import run as evaluate
     from diffsweep.train import run as train
@@ -161,6 +162,7 @@ def test_a_failing_compile_says_how_to_sample_without_it():
     assert torch.isfinite(_sample(module)).all()  # eager sampling is unaffected
 
 
+@pytest.mark.slow  # > 15 s: runs in .ci/run's slow step
 def test_training_callbacks_sample_with_the_compiled_copy(train_config, monkeypatch):
     """Grids and FID sample inside Lightning's validation (inference mode) with EMA weights."""
     import diffsweep.inference

@@ -48,6 +48,7 @@ def _max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> flo
                if a[k].is_floating_point())
 
 
+@pytest.mark.slow  # > 15 s: runs in .ci/run's slow step
 def test_latent_run_resumed_mid_epoch_matches_the_uninterrupted_run(tmp_path):
     """Checkpoint at step 4 = epoch 1, batch 1 of 3: the resumed run sees the same latents
     (shuffle order and posterior noise of that epoch) and ends with the same weights."""

@@ -37,6 +37,7 @@ def test_unknown_mode_is_a_clear_error(tmp_path):
         loggers.wandb_logger(mode="sometimes", save_dir=str(tmp_path))
 
 
+@pytest.mark.slow  # > 15 s: runs in .ci/run's slow step
 def test_training_run_with_wandb_logger_completes_offline(train_config):
     cfg = train_config("logger=wandb", "trainer.max_steps=2", "trainer.val_check_interval=2",
                        "callbacks.sample_grid.at_train_end=false")
@@ -268,6 +269,7 @@ def test_tensorboard_rerun_skips_written_steps_and_hparams_hold_the_final_metric
     assert sorted(found["metrics"]) == ["final/fid/ddim_20", "final/val/loss"]
 
 
+@pytest.mark.slow  # > 15 s: runs in .ci/run's slow step
 def test_training_run_logs_names_config_and_one_final_grid(train_config):
     """logger=many: W&B (offline) gets job_type train, the run dir as group, the run config, the
     history and one grid per validation; final.png copies the last step's grid (same weights),

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from diffsweep.checkpoints import load_module
@@ -18,6 +19,7 @@ def test_bf16_mixed_trains_on_cpu(train_config):
     assert all(p.dtype == torch.float32 for p in weights.parameters())  # master weights stay fp32
 
 
+@pytest.mark.slow  # > 15 s: runs in .ci/run's slow step
 def test_compiled_run_checkpoints_load_without_compile_and_resume_compiled(train_config, tmp_path):
     compiled = ["module.compile=true", "+module.compile_options.backend=eager",
                 "callbacks.sample_grid.at_train_end=false"]

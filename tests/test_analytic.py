@@ -131,6 +131,7 @@ def test_exact_moments_and_responsibilities(mixture_3d: GaussianMixture) -> None
     torch.testing.assert_close(resp.sum(1), torch.ones(100, dtype=torch.float64))
 
 
+@pytest.mark.slow  # > 5 s: runs in .ci/run's slow step
 def test_probability_flow_is_converged_and_transports_marginals() -> None:
     """The reference ODE solution: step-converged, and it maps p_sigma_max to the data."""
     mixture = GaussianMixture.ring(8, radius=1.0, std=0.15)

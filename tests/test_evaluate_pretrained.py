@@ -46,6 +46,7 @@ def test_readme_sweep_over_a_pretrained_pipeline_writes_one_row_per_job(pipeline
         assert float(row["fid"]) > 0 and row["fid_extractor"] == "tiny"
 
 
+@pytest.mark.slow  # > 5 s: runs in .ci/run's slow step
 def test_pretrained_evaluation_samples_what_the_bridge_samples(pipeline_folder, tmp_path):
     cfg = compose_config("evaluate", [f"pretrained={pipeline_folder}", *NO_FID,
                                       "metrics=none", "sampler.num_steps=3", "seed=5",

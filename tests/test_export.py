@@ -205,6 +205,7 @@ def test_cli_arguments_are_checked():
         parse_args(["a.ckpt"])
 
 
+@pytest.mark.slow  # > 5 s: runs in .ci/run's slow step
 def test_cli_refuses_a_checkpoint_without_an_exact_equivalent(tmp_path):
     """The legacy fixture's UNet (base 8, num_groups 4) has GroupNorms of 2 and 4 groups."""
     result = subprocess.run([sys.executable, "-m", "diffsweep.export",
@@ -215,6 +216,7 @@ def test_cli_refuses_a_checkpoint_without_an_exact_equivalent(tmp_path):
     assert not (tmp_path / "export").exists()
 
 
+@pytest.mark.slow  # > 5 s: runs in .ci/run's slow step
 def test_trained_checkpoint_exports_ema_or_raw_weights(train_config, tmp_path):
     from diffsweep.checkpoints import load_module
     from diffsweep.train import run

@@ -176,10 +176,10 @@ def _hydra_job(train_config, tmp_path, *, multirun, task, sweeper_params=None,
 
 
 def test_run_names_group_by_sweep_and_name_by_the_swept_values(train_config, tmp_path):
-    job = ["scheduler=cosine", "trainer.max_steps=4", "+console.config_tree=none"]
+    job = ["scheduler=cosine", "trainer.max_steps=4", "console.config_tree=none"]
     _hydra_job(train_config, tmp_path, multirun=True, task=job,
                sweep_overrides=["scheduler=linear,cosine", "trainer.max_steps=4",
-                                "+console.config_tree=none"])
+                                "console.config_tree=none"])
     assert loggers.run_names() == loggers.RunNames("2030-01-02_03-04-05", "scheduler=cosine")
     # Optuna: the sweeper's search space names the trial (it writes no multirun.yaml)
     (tmp_path / "sweeps" / "2030-01-02_03-04-05" / "multirun.yaml").unlink()

@@ -10,6 +10,7 @@ from diffsweep.generate import generate
 from diffsweep.train import run
 
 
+@pytest.mark.slow  # > 5 s: runs in .ci/run's slow step
 def test_bf16_mixed_trains_on_cpu(train_config):
     cfg = train_config("trainer.precision=bf16-mixed", "trainer.max_steps=3",
                        "callbacks.sample_grid.at_train_end=false")

@@ -52,6 +52,7 @@ def test_readme_gpu_examples_compose(tmp_path):
     assert cfg.trainer.devices == 4
 
 
+@pytest.mark.slow  # > 5 s: runs in .ci/run's slow step
 def test_readme_image_folder_example_uses_a_path_hydra_accepts(train_config, tmp_path):
     """``data=image_folder data.root=$HOME/pictures data.resolution=64 ...``: the shell expands
     ``$HOME``; Hydra's grammar rejects a bare ``~`` (the README never writes ``=~/``). Run here on
@@ -73,6 +74,7 @@ def test_readme_image_folder_example_uses_a_path_hydra_accepts(train_config, tmp
     assert tuple(cfg.module.image_shape) == (3, 16, 16) and "val/loss" in metrics
 
 
+@pytest.mark.slow  # > 5 s: runs in .ci/run's slow step
 def test_readme_print_the_composed_config(tmp_path):
     """``python train.py --cfg job`` prints the config and trains nothing."""
     result = run_entry_point("train.py", "--cfg", "job", cwd=tmp_path, timeout=120)
@@ -118,6 +120,7 @@ def test_readme_wandb_sync_command_finds_the_offline_runs(train_config):
     assert "Would sync 1 run" in result.stdout + result.stderr
 
 
+@pytest.mark.slow  # > 5 s: runs in .ci/run's slow step
 def test_readme_guidance_scale_axis_for_class_conditional_checkpoints(train_config, tmp_path):
     """``python evaluate.py ckpt_path=... -m guidance_scale=1,2,4`` (one job of it here): a
     class-conditional checkpoint samples balanced labels with CFG; the row has guidance_scale,

@@ -36,6 +36,7 @@ def test_entry_point_smoke_run_writes_grid_checkpoint_and_config(tmp_path):
     assert len(_losses(run_dir)) == 4
 
 
+@pytest.mark.slow  # > 5 s: runs in .ci/run's slow step
 def test_unknown_config_option_names_the_choices(tmp_path):
     result = run_entry_point("train.py", "scheduler=cosinus", cwd=tmp_path)
     assert result.returncode != 0
@@ -43,6 +44,7 @@ def test_unknown_config_option_names_the_choices(tmp_path):
     assert "linear" in result.stderr and "cosine" in result.stderr  # the available options
 
 
+@pytest.mark.slow  # > 5 s: runs in .ci/run's slow step
 def test_missing_image_folder_is_a_clear_error(tmp_path):
     missing = tmp_path / "no_such_folder"
     result = run_entry_point("train.py", "data=image_folder", f"data.root={missing}", cwd=tmp_path)
@@ -50,6 +52,7 @@ def test_missing_image_folder_is_a_clear_error(tmp_path):
     assert str(missing) in result.stderr and "data.root" in result.stderr
 
 
+@pytest.mark.slow  # > 5 s: runs in .ci/run's slow step
 def test_loss_decreases_when_overfitting(train_config):
     cfg = train_config("debug=overfit", "trainer.max_steps=80", "trainer.val_check_interval=80",
                        "module.optimizer.lr=2e-3", "callbacks.sample_grid.at_train_end=false",
@@ -108,6 +111,7 @@ def test_class_conditional_training_and_guided_sampling(train_config):
     assert torch.isfinite(guided).all() and not torch.equal(plain, guided)
 
 
+@pytest.mark.slow  # > 5 s: runs in .ci/run's slow step
 def test_plain_multirun_without_sweep_dir_override(tmp_path):
     """``python train.py -m ...`` with the default sweep dir (under the launch directory)."""
     result = run_entry_point("train.py", "-m", "debug=fast_dev_run", "scheduler=linear,cosine",

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from diffsweep.assembly import upgrade_run_config
-from diffsweep.checkpoints import find_resume_checkpoint, load_module, read_checkpoint
+from diffsweep.checkpoints import CheckpointMismatchError, find_resume_checkpoint, load_module, read_checkpoint
 from diffsweep.generate import generate
 from diffsweep.samplers import Sampler
 from diffsweep.train import run
@@ -26,7 +26,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 LEGACY = FIXTURES / "legacy_main.ckpt"
 REFERENCE = torch.load(FIXTURES / "legacy_main_reference.pt", weights_only=True)
 #: The overrides the fixture was trained with (its tiny net).
-LEGACY_RUN = ["data.batch_size=8", "data.resolution=8", "model.base_channels=8",
+#: the legacy run's formulation (eps-MSE in fp32) was the default then; experiment=ddpm names it now
+LEGACY_RUN = ["experiment=ddpm", "data.batch_size=8", "data.resolution=8", "model.base_channels=8",
               "model.channel_mults=[1,2]", "model.attention_resolutions=[4]", "model.num_groups=4",
               "sampler.num_steps=3"]
 
@@ -73,6 +74,18 @@ def test_training_resumes_from_a_checkpoint_of_the_earlier_layout(train_config, 
     resumed = read_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
     assert resumed["global_step"] == 6
     assert any(key.startswith("denoiser.net.") for key in resumed["state_dict"])
+
+
+def test_resuming_an_earlier_default_run_with_todays_defaults_names_what_changed(train_config,
+                                                                               tmp_path):
+    ckpt = tmp_path / "legacy.ckpt"
+    shutil.copy(LEGACY, ckpt)
+    cfg = train_config(*LEGACY_RUN[1:], "trainer.max_steps=6", f"ckpt_path={ckpt}",
+                       "lr_schedule.warmup_steps=100")
+    with pytest.raises(CheckpointMismatchError, match=r"module\.denoiser\.prediction_type: "
+                       r"epsilon -> auto.*trainer\.precision: 32-true -> auto.*experiment=ddpm"):
+        run(cfg)
+    assert ckpt.read_bytes() == LEGACY.read_bytes()
 
 
 class _RunsCode:

@@ -80,8 +80,10 @@ def test_job_scope_restores_the_ddp_environment(train_config, monkeypatch):
 def test_trainer_ddp_config_selects_the_hydra_aware_strategy(train_config):
     from hydra.utils import instantiate
 
+    from diffsweep.assembly import resolve_precision
+
     cfg = train_config(*DDP2, "trainer.accelerator=cpu")
-    trainer = instantiate(cfg.trainer, logger=False)
+    trainer = instantiate(cfg.trainer, logger=False, precision=resolve_precision(cfg.trainer))
     assert isinstance(trainer.strategy, launch.HydraDDPStrategy)
     assert isinstance(trainer.strategy.launcher, launch._HydraJobLauncher)
     assert trainer.world_size == 2 and trainer.strategy.process_group_backend in (None, "gloo")

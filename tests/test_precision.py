@@ -100,3 +100,37 @@ def test_fused_adamw_under_a_grad_scaler_clips_true_gradients_and_steps_like_unf
     plain.step()
     for ours, expected in zip(fused_module.parameters(), reference.parameters()):
         assert torch.allclose(ours, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(("precision", "accelerator", "cpu_bf16", "expected"), [
+    ("auto", "cpu", True, "bf16-mixed"),
+    ("auto", "cpu", False, "32-true"),
+    ("auto", "auto", True, "bf16-mixed" if not torch.cuda.is_available() else None),
+    ("32-true", "cpu", True, "32-true"),
+    ("bf16-mixed", "cpu", False, "bf16-mixed"),
+])
+def test_precision_auto_is_bf16_on_cpus_with_native_bf16_else_fp32(monkeypatch, precision,
+                                                                     accelerator, cpu_bf16,
+                                                                     expected):
+    from omegaconf import OmegaConf
+
+    from diffsweep import assembly
+
+    if expected is None:
+        pytest.skip("a CUDA device decides auto here")
+    monkeypatch.setattr(assembly, "cpu_has_bf16", lambda: cpu_bf16)
+    trainer_cfg = OmegaConf.create({"precision": precision, "accelerator": accelerator})
+    assert assembly.resolve_precision(trainer_cfg) == expected
+
+
+def test_the_default_run_trains_v_prediction_in_auto_precision_and_flow_trains_velocity(
+        train_config):
+    from diffsweep.assembly import build_module
+
+    cfg = train_config()
+    assert cfg.trainer.precision == "auto"
+    assert build_module(cfg).prediction_type == "v_prediction"
+    assert build_module(train_config("scheduler=flow")).prediction_type == "velocity"
+    ddpm = train_config("experiment=ddpm")
+    assert build_module(ddpm).prediction_type == "epsilon" and ddpm.trainer.precision == "32-true"
+    assert ddpm.loss.weighting is None

@@ -69,7 +69,7 @@ def test_lucidrains_ddim_is_our_ddim_trailing_with_clipping():
 
 @pytest.mark.slow
 def test_the_race_runs_at_a_tiny_budget_and_writes_its_results(tmp_path):
-    """Four recipes x ~3 s of training, FID on 16 samples: every curve, the headline, the plot."""
+    """Five recipes x ~3 s of training, FID on 16 samples: every curve, the headline, the plot."""
     for package in ("diffusers", "denoising_diffusion_pytorch"):
         pytest.importorskip(package)
     if not any(FASHION.glob("train-images-idx3-ubyte*")):
@@ -79,7 +79,8 @@ def test_the_race_runs_at_a_tiny_budget_and_writes_its_results(tmp_path):
                         "--real-count", "256", "--classifier-samples", "512",
                         "--base-channels", "8", "--batch", "8", "--data-root", str(FASHION),
                         "--out", str(tmp_path)])
-    assert set(results["recipes"]) == {"default", "diffusers", "lucidrains", "best"}
+    assert set(results["recipes"]) == {"default", "diffusers", "lucidrains", "best",
+                                       "rectified_flow"}
     reference = results["recipes"]["default"]["parameters"]
     for name, recipe in results["recipes"].items():
         assert abs(recipe["parameters"] - reference) <= 0.1 * reference, name
@@ -90,6 +91,12 @@ def test_the_race_runs_at_a_tiny_budget_and_writes_its_results(tmp_path):
         assert own is not None
     assert results["recipes"]["diffusers"]["parameters"] == reference   # same layout exactly
     assert results["recipes"]["best"]["own_sampler"]["sampler"] == "heun"
+    assert results["recipes"]["rectified_flow"]["own_sampler"]["sampler"] == "euler"
+    assert "prediction velocity" in results["recipes"]["rectified_flow"]["notes"]
+    assert "prediction v_prediction" in results["recipes"]["default"]["notes"]
+    for name in results["recipes"]:                  # final EMA weights for later studies
+        saved = torch.load(tmp_path / name / "ema_denoiser.pt", weights_only=False)
+        assert saved["recipe"] == name and saved["state_dict"]
     assert results["summary"]["best_peer"] in ("diffusers", "lucidrains")
     assert json.loads((tmp_path / "results.json").read_text())["summary"] == results["summary"]
     assert "Headline" in (tmp_path / "results.md").read_text()

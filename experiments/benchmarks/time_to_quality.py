@@ -64,11 +64,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPES = ("default", "diffusers", "lucidrains", "best")
+RECIPES = ("default", "diffusers", "lucidrains", "best", "rectified_flow", "rf_uniform", "ddpm")
+#: the recipes raced when --recipes is not given (rf_uniform and ddpm are the SD3 Table 1 controls)
+DEFAULT_RECIPES = ("default", "rectified_flow", "best", "diffusers", "lucidrains")
+#: diffsweep recipes beside default/best: train.py overrides and the recipe's own sampler
+EXTRA_DIFFSWEEP = {
+    "rectified_flow": (["experiment=rectified_flow"], "diffsweep rectified flow (SD3: velocity, "
+                       "logit-normal(0, 1) t, Euler)"),
+    "rf_uniform": (["experiment=rectified_flow", "scheduler.density=uniform"],
+                   "diffsweep rectified flow, uniform t (SD3's rf/uniform)"),
+    "ddpm": (["experiment=ddpm"], "diffsweep DDPM eps-MSE, fp32 (the default before this race)"),
+}
 PEERS = ("diffusers", "lucidrains")
 DATA_ROOTS = (Path("/usr/share/datasets/fashion-mnist"), ROOT.parent / "shared" / "data" /
               "fashion-mnist", ROOT / "data" / "fashion_mnist")
-DEFAULT_BEST = "experiment=edm,trainer.precision=bf16-mixed"
+DEFAULT_BEST = "experiment=edm"
 DDIM_PAIR = {"name": "ddim_50", "sampler": "ddim", "num_steps": 50}
 
 log = logging.getLogger("time_to_quality")
@@ -201,7 +211,9 @@ class DiffsweepRecipe(Recipe):
         ema = cfg.callbacks.ema
         options = dict(max_decay=float(ema.max_decay), inv_gamma=float(ema.inv_gamma),
                        power=float(ema.power), min_decay=float(ema.min_decay))
-        precision = str(cfg.trainer.precision)
+        from diffsweep.assembly import resolve_precision
+
+        precision = resolve_precision(cfg.trainer)
         if precision not in ("32-true", "32", "bf16-mixed"):
             raise SystemExit(f"{name}: trainer.precision={precision} is not supported on a CPU "
                              f"here (32-true | bf16-mixed).")
@@ -516,6 +528,22 @@ def race(recipe: Recipe, stream: BatchStream, evaluator, datamodule,
                 return curve
 
 
+def save_ema_weights(recipe: Recipe, path: Path) -> None:
+    """The recipe's final EMA denoiser (net state dict, schedule and prediction type as text) for
+    later studies (experiments/paper_claims evaluates them at other NFE)."""
+    from diffsweep.files import atomic_writer
+
+    denoiser = recipe.ema_denoiser()
+    payload = {"recipe": recipe.name, "label": recipe.label, "steps": recipe.steps,
+               "state_dict": {k: v.detach().cpu() for k, v in denoiser.net.state_dict().items()},
+               "prediction_type": denoiser.prediction_type, "schedule": repr(denoiser.schedule)}
+    if isinstance(recipe, DiffsweepRecipe):
+        payload["config"] = recipe.module.config
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_writer(path, "wb") as handle:
+        torch.save(payload, handle)
+
+
 def _pair_key(pair: dict[str, Any]) -> tuple:
     """What a pair samples with (its name and ``spacing: auto`` aside)."""
     return tuple(sorted((k, str(v)) for k, v in pair.items()
@@ -652,6 +680,9 @@ def build_recipes(args: argparse.Namespace, images: int) -> list[Recipe]:
             if any(o == "experiment=edm" for o in overrides):
                 own = {"name": "own_heun_25", "sampler": "heun", "num_steps": 25}  # 49 NFE
             recipes.append(DiffsweepRecipe.build("best", "diffsweep best", overrides, args, own))
+        else:
+            overrides, label = EXTRA_DIFFSWEEP[name]
+            recipes.append(DiffsweepRecipe.build(name, label, overrides, args))
     reference = default.parameters
     for recipe in recipes:
         if abs(recipe.parameters - reference) > 0.1 * reference:
@@ -662,15 +693,15 @@ def build_recipes(args: argparse.Namespace, images: int) -> list[Recipe]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=9.0,
+    parser.add_argument("--minutes", type=float, default=6.0,
                         help="training wall-clock budget per recipe (evaluation excluded)")
-    parser.add_argument("--eval-every", type=float, default=4.5,
+    parser.add_argument("--eval-every", type=float, default=3.0,
                         help="minutes of training between FID evaluations (and at the end)")
     parser.add_argument("--samples", type=int, default=2000, help="generated samples per FID")
     parser.add_argument("--batch", type=int, default=64, help="training batch for every recipe")
     parser.add_argument("--base-channels", type=int, default=16,
                         help="unet_tiny width (16: 0.28M parameters); the peers are matched")
-    parser.add_argument("--recipes", default=",".join(RECIPES),
+    parser.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
                         help=f"comma-separated subset of {','.join(RECIPES)}")
     parser.add_argument("--best-overrides", default=DEFAULT_BEST,
                         help="train.py overrides of the 'best' recipe, comma-separated")
@@ -716,15 +747,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*FID uses the.*")
-    torch.set_num_threads(args.threads)
+def build_evaluation(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The Fashion-MNIST datamodule (set up) and the prepared classifier-FID evaluator of the race
+    (``--samples``, ``--real-count``, ``--classifier-samples``, ``--cache-dir``)."""
     from hydra.utils import instantiate
 
     from diffsweep.assembly import build_datamodule
-    from diffsweep.files import atomic_write_json, atomic_write_text
 
     cfg = compose_train_config([*data_overrides(args), "metrics=fid_classifier",
                                 f"metrics.fid.evaluator.num_samples={args.samples}",
@@ -737,9 +765,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    images = datamodule.dataset("train", augment=False).images
     evaluator = instantiate(cfg.metrics.fid.evaluator)
     evaluator.prepare(datamodule)
+    return datamodule, evaluator
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*FID uses the.*")
+    torch.set_num_threads(args.threads)
+    from diffsweep.files import atomic_write_json, atomic_write_text
+
+    datamodule, evaluator = build_evaluation(args)
+    images = datamodule.dataset("train", augment=False).images
     recipes = build_recipes(args, len(images))
     machine = machine_string(args.threads)
     print(f"{machine}\ndata {args.data_root} ({len(images)} images); "
@@ -752,6 +791,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{recipe.name}: training", flush=True)
         curves[recipe.name] = race(recipe, BatchStream(images, args.batch, args.seed), evaluator,
                                    datamodule, args)
+        save_ema_weights(recipe, args.out / recipe.name / "ema_denoiser.pt")
     text, summary = report(recipes, curves, args, machine)
     print("\n" + text)
     results = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

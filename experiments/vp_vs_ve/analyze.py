@@ -22,7 +22,8 @@ from typing import Iterable, Sequence
 
 Key = tuple[str, str, str]  # (schedule, sampler, spacing)
 
-SCHEDULE_ORDER = ("linear", "cosine", "scaled_linear", "vp_continuous", "ve", "edm")
+SCHEDULE_ORDER = ("linear", "cosine", "scaled_linear", "vp_continuous", "ve", "edm", "flow",
+                  "flow_sd3", "flow_flux")
 SAMPLER_ORDER = ("ddim", "ddpm", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde",
                  "lms", "unipc")
 

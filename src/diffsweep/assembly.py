@@ -130,15 +130,41 @@ def default_strategy(trainer_cfg: DictConfig) -> dict[str, Any]:
     return {}
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bf16 arithmetic (AVX-512 BF16 or AMX-BF16, x86 Linux flags)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(trainer_cfg: DictConfig) -> str:
+    """``trainer.precision`` with ``auto`` made concrete: ``bf16-mixed`` on a CUDA device with bf16
+    or on a CPU with native bf16 (AVX-512 BF16 / AMX), else ``32-true``; other values as given."""
+    precision = str(trainer_cfg.get("precision", "32-true"))
+    if precision != "auto":
+        return precision
+    import torch
+
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() \
+            else "32-true"
+    return "bf16-mixed" if cpu_has_bf16() else "32-true"
+
+
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Any]) -> L.Trainer:
-    """``cfg.trainer`` with the run's callbacks and loggers."""
+    """``cfg.trainer`` with the run's callbacks and loggers (``precision: auto`` resolved)."""
     from diffsweep.console import progress_bar_kwargs
 
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                       precision=resolve_precision(cfg.trainer),
                        **default_strategy(cfg.trainer),
                        **progress_bar_kwargs(cfg.trainer, callbacks))
 
 
 __all__ = ["build_callbacks", "build_datamodule", "build_loggers", "build_module", "build_trainer",
-           "check_shapes", "default_strategy", "order_callbacks", "stored_run_config",
-           "upgrade_run_config"]
+           "check_shapes", "cpu_has_bf16", "default_strategy", "order_callbacks",
+           "resolve_precision", "stored_run_config", "upgrade_run_config"]

@@ -357,6 +357,18 @@ def allowed_changes(cfg: DictConfig | Mapping[str, Any]) -> list[str]:
     return allowed
 
 
+def _earlier_defaults_hint(changes: list[ConfigChange]) -> str:
+    """A pointer to ``experiment=ddpm`` when a refused change is the default formulation's change
+    (eps-prediction/fp32 until the time-to-quality race; ``auto`` since)."""
+    earlier = {("module.denoiser.prediction_type", "epsilon"), ("trainer.precision", "32-true")}
+    if any((change.key, str(change.old)) in earlier and str(change.new) == "auto"
+           for change in changes):
+        return (" (The defaults changed to v-prediction in bf16 where the CPU/GPU has it: "
+                "add experiment=ddpm to resume a run trained with the earlier eps-MSE fp32 "
+                "defaults.)")
+    return ""
+
+
 def check_resume_config(stored: Mapping[str, Any], cfg: DictConfig, source: str = "the checkpoint",
                         requested: Mapping[str, Any] | None = None) -> list[ConfigChange]:
     """The changes from ``stored`` (a checkpoint's ``diffsweep_config``) to ``cfg`` that apply on
@@ -384,7 +396,7 @@ def check_resume_config(stored: Mapping[str, Any], cfg: DictConfig, source: str 
             f"{'; '.join(str(change) for change in refused)}. Keep those values to resume; start "
             f"afresh with resume=never (in a new run directory: drop hydra.run.dir / "
             f"hydra.sweep.dir); or resume and apply the change with "
-            f"resume_allow_changes=[{keys}].")
+            f"resume_allow_changes=[{keys}].{_earlier_defaults_hint(refused)}")
     if changes:
         log.info("Resuming %s; config changes that apply: %s", source,
                  "; ".join(str(change) for change in changes if change.key != "ckpt_path"))

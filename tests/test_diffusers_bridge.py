@@ -240,8 +240,9 @@ def test_schedule_tables_equal_diffusers_and_export_back(config):
 
 
 @pytest.mark.parametrize("config,words", [
-    ({"_class_name": "FlowMatchEulerDiscreteScheduler"},
-     ["_class_name='FlowMatchEulerDiscreteScheduler'", "flow matching", "DDIMScheduler"]),
+    ({"_class_name": "FlowMapEulerDiscreteScheduler"},  # flow matching itself imports
+     ["_class_name='FlowMapEulerDiscreteScheduler'", "flow map", "DDIMScheduler",
+      "FlowMatchEulerDiscreteScheduler"]),
     ({"_class_name": "EDMEulerScheduler"}, ["EDMEulerScheduler", "EDM", "allowed"]),
     ({"_class_name": "ScoreSdeVeScheduler"}, ["ScoreSdeVeScheduler", "VE", "allowed"]),
     ({"_class_name": "LCMScheduler"}, ["LCMScheduler", "no discrete VP", "allowed"]),

@@ -20,7 +20,9 @@ n samples against an exact CDF, or n against m, the distance exceeds
 
 Solvers: on flow grids the exact Gaussian-mixture denoiser of :mod:`diffsweep.analytic` (flow is
 just another sigma~ range there) gives the convergence of Euler, Heun, DPM-Solver++(2M), UniPC and
-LMS, as in tests/test_sampler_order.py.
+LMS, as in tests/test_sampler_order.py. The default grid starts at sigma~_max = k 1e9, which
+stands for the pole sigma~ = inf (:data:`diffsweep.samplers.SIGMA_INFINITY`): Heun takes the
+Euler step from it (EDM's trapezoid there extrapolates x0 by sigma~_0 / (2 sigma~_1) ~ 1e7).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from torch import nn
 from diffsweep.analytic import GaussianMixture, rms_error
 from diffsweep.denoiser import Denoiser
 from diffsweep.grids import sigma_grid
-from diffsweep.samplers import SAMPLERS, Sampler
+from diffsweep.samplers import SAMPLERS, SIGMA_INFINITY, Sampler, heun_nfe_on, heun_plan, to_d
 from diffsweep.schedules import DiscreteVPSchedule, FlowMatchingSchedule, flow_dynamic_shift
 
 diffusers = pytest.importorskip("diffusers")
@@ -457,7 +459,8 @@ MIDDLE, HIGH = [24, 32, 48, 64], [48, 64, 96, 128]
 #: are long in log sigma~ (h = log(1 + 1 / (n t_min))), so the multistep methods of order >= 3
 #: stay pre-asymptotic here: measured (shift 1 / 3) unipc(2) 2.41 / 2.46, unipc(3) 2.82 / 4.35,
 #: lms 2.20 / 2.42; they converge and beat DPM-Solver++(2M) (1.97-2.26), which a test below checks.
-#: Heun with t_max = 1 - 1/N: 2.89 / 2.39.
+#: Heun from the pole (default t_max, Euler first step): 1.92 / 2.10, errors 1.2e-3 at 64 steps;
+#: with t_max = 1 - 1/N (no pole, EDM's Heun throughout): 2.89 / 2.39.
 SOLVERS = [
     ("euler", "euler", {}, None, (0.8, 1.3)),
     ("ddim", "ddim", {}, None, (0.8, 1.3)),
@@ -465,6 +468,7 @@ SOLVERS = [
     ("unipc_order2", "unipc", {"order": 2}, None, (2.0, 3.5)),
     ("unipc_order3", "unipc", {"order": 3}, None, (2.4, 5.0)),
     ("lms_order4", "lms", {"order": 4}, None, (1.8, 4.5)),
+    ("heun", "heun", {}, None, (1.7, 2.5)),
     ("heun_t_max_0.999", "heun", {}, 1 - 1 / N, (1.9, 3.3)),
 ]
 
@@ -483,14 +487,49 @@ def test_solvers_converge_on_flow_grids(case_id, name, options, t_max, window, s
     assert errors[-1] < 0.05, detail
 
 
-@pytest.mark.usefixtures("single_thread")
-@pytest.mark.xfail(strict=True, reason=(
-    "EDM Heun's trapezoid in sigma~ over the first uniform_t interval [sigma~_1, ~1e9] is "
-    "ill-conditioned (error ~ sigma~_max |dx0_hat| / sigma~_1^2, ~1e4 here); with t_max = 1 - 1/N "
-    "it converges (above). A fix belongs in samplers.sample_heun (docs/FLOW.md)."))
-def test_heun_converges_on_flow_grid_from_t_max_near_one():
-    order, errors = measured_order("heun", {}, FlowMatchingSchedule(), MIDDLE)
-    assert errors[-1] < 0.05 and order > 1.5, f"order {order:.2f}, errors {errors}"
+def edm_heun(denoiser, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """EDM Algorithm 1 as written (Karras et al. 2022): the trapezoid in sigma~ on every step but
+    the one to 0, with no exception at the pole."""
+    values = sigmas.tolist()
+    for sigma, sigma_next in zip(values[:-1], values[1:]):
+        d = to_d(x, sigma, denoiser(x, torch.tensor(sigma, dtype=torch.float64)))
+        x_euler = x + (sigma_next - sigma) * d
+        if sigma_next == 0:
+            x = x_euler
+            continue
+        d_next = to_d(x_euler, sigma_next,
+                      denoiser(x_euler, torch.tensor(sigma_next, dtype=torch.float64)))
+        x = x + (sigma_next - sigma) * (d + d_next) / 2
+    return x
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_heun_takes_the_euler_step_from_the_pole_and_edm_steps_after_it(shift):
+    """The first point of the default grid (k 1e9) stands for sigma~ = inf: the step from it is the
+    Euler step, every later step EDM's, bit for bit. EDM's trapezoid on that first step would
+    extrapolate x0 by sigma~_0 / (2 sigma~_1) ~ 1e7 and miss the ODE solution by > 100."""
+    sigmas = sigma_grid(FlowMatchingSchedule(shift=shift), 8, "uniform_t")
+    assert sigmas[0] >= SIGMA_INFINITY > sigmas[1]
+    x_start, reference = _start_and_reference(float(sigmas[0]))
+    ours = SAMPLERS["heun"].fn(MIXTURE, x_start.clone(), sigmas)
+    sigma, sigma_next = float(sigmas[0]), float(sigmas[1])
+    x_euler = x_start + (sigma_next - sigma) * to_d(x_start, sigma, MIXTURE(x_start, sigma))
+    assert torch.equal(ours, edm_heun(MIXTURE, x_euler, sigmas[1:]))
+    assert rms_error(ours, reference) < 0.2
+    assert rms_error(edm_heun(MIXTURE, x_start.clone(), sigmas), reference) > 100  # the fix's need
+    assert [corrected for *_, corrected in heun_plan(sigmas)] == [False] + [True] * 6 + [False]
+
+
+@pytest.mark.parametrize("sigma_max", [SIGMA_INFINITY * (1 - 1e-12), 80.0])
+def test_heun_below_the_pole_is_edm_heun_bit_for_bit(sigma_max):
+    """Grids whose first sigma~ stays below SIGMA_INFINITY (every VP/VE/EDM grid, flow with
+    t_max = 1 - 1/N) run EDM's Algorithm 1 unchanged, even at a first-step ratio of 1e7."""
+    sigmas = torch.cat([torch.tensor([sigma_max], dtype=torch.float64),
+                        sigma_grid(FlowMatchingSchedule(t_max=1 - 1 / N), 6, "uniform_t")[1:]])
+    x_start, _ = _start_and_reference(float(sigmas[0]))
+    ours = SAMPLERS["heun"].fn(MIXTURE, x_start.clone(), sigmas)
+    assert torch.equal(ours, edm_heun(MIXTURE, x_start.clone(), sigmas))
+    assert heun_nfe_on(sigmas) == 2 * 6 - 1
 
 
 @pytest.mark.usefixtures("single_thread")
@@ -502,6 +541,7 @@ def test_higher_order_solvers_beat_euler_on_flow_grid():
                                  reference)
               for case_id, name, options, t_max, _ in SOLVERS if t_max is None}
     assert errors["dpmpp_2m"] < errors["euler"] / 1.5, errors
+    assert errors["heun"] < errors["euler"] / 5, errors
     assert errors["unipc_order3"] < errors["dpmpp_2m"] / 5, errors
     assert errors["lms_order4"] < errors["dpmpp_2m"] / 5, errors
 
@@ -536,6 +576,46 @@ def test_every_sampler_runs_a_velocity_net_like_the_exact_denoiser(method):
     exact = SAMPLERS[method].fn(MIXTURE, noise * schedule.prior_std(float(sigmas[0])), sigmas,
                                 generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(ours, exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("t_max,nfe", [(None, 2 * 10 - 2), (1 - 1 / N, 2 * 10 - 1)])
+def test_heun_nfe_counts_its_calls_on_flow_grids(t_max, nfe):
+    """From the pole Heun makes one evaluation fewer; Sampler.nfe_on(schedule) says so, the
+    step-count-only Sampler.nfe keeps the count below the pole."""
+    schedule = FlowMatchingSchedule(shift=3.0, **({} if t_max is None else {"t_max": t_max}))
+    net = LinearVelocity()  # finite at timestep 1000 (MixtureVelocityNet divides by 1 - s = 0)
+    calls = []
+    net.register_forward_hook(lambda *args: calls.append(1))
+    sampler = Sampler("heun", num_steps=10, spacing="uniform_t")
+    samples = sampler(Denoiser(net, schedule, "velocity"), schedule, (4, 6),
+                      generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(samples).all()
+    assert sampler.nfe_on(schedule) == len(calls) == nfe
+    assert sampler.nfe == 2 * 10 - 1
+    assert heun_nfe_on(sampler.sigmas(schedule)) == nfe
+    assert Sampler("euler", 10, spacing="uniform_t").nfe_on(schedule) == 10
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_every_sampler_is_finite_and_improves_with_steps_from_the_pole(shift):
+    """Few steps from sigma~_max = k 1e9 (the pole): every sampler returns finite samples, and the
+    deterministic ones get closer to the ODE solution from 4 to 16 steps. (At <= 16 steps
+    DPM-Solver++(2M) and UniPC trail Euler on uniform_t, with t_max = 1 - 1/N as well: the grid's
+    last intervals are long in log sigma~; from 24 steps on they lead, see above.)"""
+    schedule = FlowMatchingSchedule(shift=shift)
+    errors: dict[str, list[float]] = {}
+    for num_steps in (1, 2, 4, 16):
+        sigmas = sigma_grid(schedule, num_steps, "uniform_t")
+        x_start, reference = _start_and_reference(float(sigmas[0]))
+        for name, method in SAMPLERS.items():
+            out = method.fn(MIXTURE, x_start.clone(), sigmas,
+                            generator=torch.Generator().manual_seed(0))
+            assert torch.isfinite(out).all(), (name, num_steps)
+            if not method.stochastic:
+                errors.setdefault(name, []).append(rms_error(out, reference))
+    for name, (one, _, four, sixteen) in errors.items():
+        assert sixteen < four < 1.5 * one and sixteen < 0.3, (name, errors[name])
 
 
 # --------------------------------------------------------------------------- configs

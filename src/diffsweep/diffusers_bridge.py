@@ -8,23 +8,40 @@
   argument (a ``scheduler_config.json`` or a folder holding one), else ``scheduler_config.json``
   beside the UNet's config, else ``scheduler/scheduler_config.json`` in the folder.
 
-The schedule is rebuilt from the scheduler config as a :class:`~diffsweep.schedules.DiscreteVPSchedule`
-(``beta_schedule``/``beta_start``/``beta_end``/``num_train_timesteps``/``rescale_betas_zero_snr``,
-or ``trained_betas``) and checked against the diffusers scheduler's own ``alphas_cumprod`` (equal
-bit for bit). ``prediction_type`` (epsilon | sample | v_prediction) becomes the denoiser's. The
-net is :class:`~diffsweep.nets.diffusers_unet.DiffusersUNet`: our ``c_noise`` for a discrete VP
-schedule is the training index ``n`` (fractional between table entries), exactly the timestep
-diffusers' schedulers pass, and ``c_in x~`` is exactly ``x_t``.
+Two families of scheduler configs define a model here:
 
-Sampler-side keys of the scheduler config do not define the model and are not used by the
+- Discrete VP (DDPM tables, :data:`VP_SCHEDULERS`): the schedule is rebuilt as a
+  :class:`~diffsweep.schedules.DiscreteVPSchedule` (``beta_schedule``/``beta_start``/``beta_end``/
+  ``num_train_timesteps``/``rescale_betas_zero_snr``, or ``trained_betas``) and checked against the
+  diffusers scheduler's own ``alphas_cumprod`` (equal bit for bit). ``prediction_type`` (epsilon |
+  sample | v_prediction) becomes the denoiser's. Our ``c_noise`` is the training index ``n``
+  (fractional between table entries), exactly the timestep diffusers' schedulers pass, and
+  ``c_in x~`` is exactly ``x_t``.
+- Flow matching (:data:`FLOW_SCHEDULERS`, ``FlowMatchEulerDiscreteScheduler``): a
+  :class:`~diffsweep.schedules.FlowMatchingSchedule` with ``num_train_timesteps`` and ``shift``, or,
+  with ``use_dynamic_shifting``, the resolution-dependent shift of ``base_shift``/``max_shift``/
+  ``base_image_seq_len``/``max_image_seq_len``/``time_shift_type`` at ``image_seq_len`` tokens
+  (not in the config: diffusers' pipelines compute ``mu`` per image size; pass it, or it is read
+  from ``diffsweep.json`` of a diffsweep export). The prediction type is ``velocity``: diffusers'
+  step is ``x + (sigma_next - sigma) * model_output``, i.e. the net predicts ``eps - x0``. The UNet
+  is told ``c_noise = N s``, diffusers' ``timestep = sigmas * num_train_timesteps``, and fed
+  ``c_in x~ = (1 - s) x~ = x_t``, diffusers' sample (both equal to float32 rounding:
+  tests/test_diffusers_bridge_flow.py). The grid check: our ``uniform_t`` grid equals
+  ``set_timesteps``' sigmas to two float32 ulps; ``sampler.spacing=auto`` is that grid.
+
+The net is :class:`~diffsweep.nets.diffusers_unet.DiffusersUNet` in both families.
+
+Sampler-side keys of a VP scheduler config do not define the model and are not used by the
 denoiser: ``timestep_spacing`` and ``steps_offset`` become the defaults of
 :meth:`PretrainedModel.adapt_sampler`, and so do ``clip_sample`` / ``clip_sample_range`` /
 ``thresholding`` / ``dynamic_thresholding_ratio`` / ``sample_max_value`` for the ``ddim`` and
 ``ddpm`` samplers (which apply them as diffusers does); ``set_alpha_to_one`` / ``variance_type``
-and the solver options are reported in ``info``. What has no discrete-VP meaning is refused with
-a one-line ValueError naming the key, its value and what is allowed: flow-matching, EDM and VE
-schedulers, unknown ``beta_schedule``, continuous timesteps, learned-variance outputs,
-text-conditional UNets.
+and the solver options are reported in ``info``. What has no meaning here is refused with a
+one-line ValueError naming the key, its value and what is allowed: EDM and VE schedulers, flow
+maps and consistency-distilled flow models (:data:`REFUSED_SCHEDULERS`), flow options that change
+the model or its grid (:data:`FLOW_REFUSED_OPTIONS`: inverted sigmas, Karras / exponential / beta
+flow sigmas, stochastic sampling, ``shift_terminal``), VP configs with ``use_flow_sigmas``, unknown
+``beta_schedule``, continuous timesteps, learned-variance outputs, text-conditional UNets.
 
 Loading executes no code: configs are JSON, weights are safetensors or ``.bin`` files read with
 ``torch.load(weights_only=True)`` (a pickle that would run code is refused).
@@ -34,6 +51,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -43,9 +61,11 @@ from torch import Tensor
 
 from diffsweep.denoiser import Denoiser
 from diffsweep.files import file_sha256, stable_hash
+from diffsweep.grids import sigma_grid
 from diffsweep.nets.diffusers_unet import DiffusersUNet, require_diffusers
 from diffsweep.samplers import Sampler
-from diffsweep.schedules import BETA_SCHEDULES, DiscreteVPSchedule
+from diffsweep.schedules import (BETA_SCHEDULES, DiscreteVPSchedule, FlowMatchingSchedule,
+                                 NoiseSchedule)
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +80,38 @@ VP_SCHEDULERS = (
     "HeunDiscreteScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler",
     "KDPM2AncestralDiscreteScheduler",
 )
+#: Flow-matching schedulers: ``x_t = (1 - s) x0 + s eps`` with diffusers' shifted ``sigmas`` s, the
+#: net predicting the velocity ``eps - x0`` (a :class:`~diffsweep.schedules.FlowMatchingSchedule`).
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+#: The flow scheduler diffsweep exports (its config holds every key of the schedule).
+FLOW_EXPORT_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
 #: Refused scheduler families, by class-name prefix, with the reason given.
 REFUSED_SCHEDULERS = {
-    "FlowMatch": "flow matching (rectified flow) is not supported yet",
-    "FlowMap": "flow matching (rectified flow) is not supported yet",
+    "FlowMatchLCM": "a consistency-distilled (LCM) flow model predicts the endpoint of a "
+                    "multi-step consistency sampler, not a probability-flow velocity",
+    "FlowMap": "a flow map net is told two times (a jump from s to s'), not a flow-matching "
+               "velocity field",
     "EDM": "EDM schedulers (continuous sigma, EDM preconditioning) are not supported yet",
     "ScoreSdeVe": "VE (score SDE) schedulers are not supported yet",
     "KarrasVe": "VE (Karras) schedulers are not supported yet",
 }
+#: Flow scheduler options with no meaning here: key -> (the one allowed value, why).
+FLOW_REFUSED_OPTIONS: dict[str, tuple[Any, str]] = {
+    "invert_sigmas": (False, "Mochi's inverted schedule tells the net 1 - s"),
+    "use_karras_sigmas": (False, "a sampling grid diffusers builds in s; diffsweep's grids are "
+                                 "sampler.spacing (uniform_t is FlowMatchEuler's)"),
+    "use_exponential_sigmas": (False, "a sampling grid diffusers builds in s; diffsweep's grids "
+                                      "are sampler.spacing (uniform_t is FlowMatchEuler's)"),
+    "use_beta_sigmas": (False, "a sampling grid diffusers builds in s; diffsweep's grids are "
+                               "sampler.spacing (uniform_t is FlowMatchEuler's)"),
+    "stochastic_sampling": (False, "re-noising x0 fully at every step is no diffsweep sampler"),
+    "shift_terminal": (None, "LTX-Video's grid stretched to end at shift_terminal has no "
+                             "diffsweep spacing"),
+}
+#: diffusers' name of the flow prediction (DPM-Solver/UniPC configs); diffsweep's is ``velocity``.
+FLOW_PREDICTION_TYPES = ("flow_prediction",)
+#: Dynamic-shifting keys of a flow config (diffusers' ``calculate_shift`` line and map).
+DYNAMIC_SHIFT_KEYS = ("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
 #: diffusers' prediction types of VP schedulers (diffsweep's ``velocity`` is flow matching's).
 VP_PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -117,21 +161,39 @@ def _refusal(class_name: str) -> str | None:
     for prefix, reason in REFUSED_SCHEDULERS.items():
         if class_name.startswith(prefix):
             return reason
-    if class_name not in VP_SCHEDULERS:
-        return "it has no discrete VP (DDPM-table) meaning"
+    if class_name not in VP_SCHEDULERS + FLOW_SCHEDULERS:
+        return "it has no discrete VP (DDPM-table) or flow-matching meaning"
     return None
 
 
+def is_flow_config(config: Mapping[str, Any]) -> bool:
+    """Whether a scheduler config names a flow-matching scheduler (:data:`FLOW_SCHEDULERS`)."""
+    return config.get("_class_name", "DDPMScheduler") in FLOW_SCHEDULERS
+
+
+def _json_value(value: Any) -> str:
+    """A config value as the JSON it came from (``true``, ``null``, ``3.0``, ``'name'``)."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    return repr(value)
+
+
 def check_scheduler_config(config: Mapping[str, Any]) -> None:
-    """Raise a one-line ValueError for anything a discrete VP schedule cannot express."""
+    """Raise a one-line ValueError for anything neither a discrete VP schedule nor a flow-matching
+    schedule can express (module docstring)."""
     class_name = config.get("_class_name", "DDPMScheduler")
     reason = _refusal(class_name)
     if reason:
         raise ValueError(f"scheduler _class_name={class_name!r} is refused: {reason}; allowed: "
-                         f"{', '.join(VP_SCHEDULERS)}.")
+                         f"{', '.join(VP_SCHEDULERS + FLOW_SCHEDULERS)}.")
+    if class_name in FLOW_SCHEDULERS:
+        check_flow_scheduler_config(config)
+        return
     if config.get("use_flow_sigmas"):
-        raise ValueError("scheduler use_flow_sigmas=true is refused: flow matching is not "
-                         "supported yet; allowed: false.")
+        raise ValueError(f"scheduler use_flow_sigmas=true is refused: flow matching is read from "
+                         f"a FlowMatchEulerDiscreteScheduler config, not from {class_name}'s "
+                         f"flow_shift and grid (import the model with that config, shift = "
+                         f"flow_shift); allowed: false.")
     trained = config.get("trained_betas")
     schedule = config.get("beta_schedule", "linear")
     if trained is None and schedule not in BETA_SCHEDULES:
@@ -139,7 +201,9 @@ def check_scheduler_config(config: Mapping[str, Any]) -> None:
                          f"{', '.join(BETA_SCHEDULES)} (or a trained_betas list).")
     prediction = config.get("prediction_type", "epsilon")
     if prediction not in VP_PREDICTION_TYPES:
-        raise ValueError(f"scheduler prediction_type={prediction!r} is refused; allowed: "
+        hint = (" (a flow model: use a FlowMatchEulerDiscreteScheduler config)"
+                if prediction in FLOW_PREDICTION_TYPES else "")
+        raise ValueError(f"scheduler prediction_type={prediction!r} is refused{hint}; allowed: "
                          f"{', '.join(VP_PREDICTION_TYPES)}.")
     timestep_type = config.get("timestep_type", "discrete")
     if timestep_type != "discrete":
@@ -160,9 +224,140 @@ def check_scheduler_config(config: Mapping[str, Any]) -> None:
                          f"num_train_timesteps={steps}; they must be equal.")
 
 
-def schedule_from_config(config: Mapping[str, Any]) -> DiscreteVPSchedule:
-    """The diffsweep schedule of a diffusers scheduler config (see :func:`check_scheduler_config`)."""
+def check_flow_scheduler_config(config: Mapping[str, Any]) -> None:
+    """Raise a one-line ValueError for a flow scheduler config diffsweep cannot express: the
+    options of :data:`FLOW_REFUSED_OPTIONS`, a prediction type other than the velocity, a
+    non-positive shift, dynamic shifting without its line."""
+    class_name = config.get("_class_name")
+    for key, (allowed, why) in FLOW_REFUSED_OPTIONS.items():
+        value = config.get(key, allowed)
+        if value != allowed:
+            raise ValueError(f"scheduler {key}={_json_value(value)} is refused: {why}; allowed: "
+                             f"{_json_value(allowed)}.")
+    prediction = config.get("prediction_type", FLOW_PREDICTION_TYPES[0])
+    if prediction not in FLOW_PREDICTION_TYPES:
+        raise ValueError(f"scheduler prediction_type={prediction!r} is refused: {class_name} steps "
+                         f"x + (sigma_next - sigma) * model_output, so its net predicts the "
+                         f"velocity eps - x0; allowed: {', '.join(FLOW_PREDICTION_TYPES)} (or no "
+                         f"prediction_type key).")
+    shift = config.get("shift", 1.0)
+    if not isinstance(shift, (int, float)) or isinstance(shift, bool) or not shift > 0:
+        raise ValueError(f"scheduler shift={_json_value(shift)} is refused; allowed: a number > 0 "
+                         f"(1.0 = no shift, SD3: 3.0).")
+    if config.get("use_dynamic_shifting"):
+        for key in DYNAMIC_SHIFT_KEYS:
+            if key in config and config[key] is None:
+                raise ValueError(f"scheduler {key}=null is refused with use_dynamic_shifting=true: "
+                                 f"the shift is a line through (base_image_seq_len, base_shift) "
+                                 f"and (max_image_seq_len, max_shift); allowed: a number.")
+
+
+def flow_schedule_from_config(config: Mapping[str, Any],
+                              image_seq_len: int | None = None) -> FlowMatchingSchedule:
+    """The :class:`FlowMatchingSchedule` of a flow scheduler config (see
+    :func:`check_flow_scheduler_config`); ``image_seq_len`` (latent tokens per image) is needed
+    with ``use_dynamic_shifting`` and ignored otherwise. diffusers ignores ``shift`` when shifting
+    dynamically (Flux configs hold ``shift: 3.0`` beside it), and so does this."""
+    check_flow_scheduler_config(config)
+    num_train_timesteps = int(config.get("num_train_timesteps", 1000))
+    if not config.get("use_dynamic_shifting"):
+        return FlowMatchingSchedule(num_train_timesteps=num_train_timesteps,
+                                    shift=float(config.get("shift", 1.0)))
+    if image_seq_len is None:
+        raise ValueError("scheduler use_dynamic_shifting=true needs image_seq_len (diffusers' "
+                         "pipelines pass mu = calculate_shift(image_seq_len) to set_timesteps; the "
+                         "config does not hold it): pass image_seq_len=<latent tokens per image> "
+                         "to load_pretrained; allowed: a positive integer.")
+    defaults = {"base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+                "max_image_seq_len": 4096}
+    line = {key: config.get(key, default) for key, default in defaults.items()}
+    return FlowMatchingSchedule(num_train_timesteps=num_train_timesteps,
+                                use_dynamic_shifting=True, image_seq_len=image_seq_len,
+                                base_image_seq_len=int(line["base_image_seq_len"]),
+                                max_image_seq_len=int(line["max_image_seq_len"]),
+                                base_shift=float(line["base_shift"]),
+                                max_shift=float(line["max_shift"]),
+                                time_shift_type=config.get("time_shift_type", "exponential"))
+
+
+def flow_mu(schedule: FlowMatchingSchedule) -> float | None:
+    """diffusers' ``mu`` for ``set_timesteps(..., mu=mu)`` of a dynamically shifted schedule
+    (``log k`` for the exponential map, ``k`` for the linear one); None for a static shift."""
+    if not schedule.use_dynamic_shifting:
+        return None
+    return math.log(schedule.shift) if schedule.time_shift_type == "exponential" else schedule.shift
+
+
+#: Step counts at which a flow config's grid is compared with diffusers' ``set_timesteps``.
+FLOW_CHECK_STEPS = (1, 2, 10, 50)
+#: Two float32 ulps of diffusers' sigmas (just below 1) and timesteps (just below N), per unit of N.
+FLOW_SIGMA_ATOL = 1.2e-7
+FLOW_TIMESTEP_ATOL_PER_N = 1.3e-7
+
+
+def flow_grids_equal(schedule: FlowMatchingSchedule, config: Mapping[str, Any],
+                     steps: Sequence[int] = FLOW_CHECK_STEPS) -> bool:
+    """Whether our ``uniform_t`` grid equals diffusers' ``FlowMatchEulerDiscreteScheduler``
+    ``set_timesteps`` (same config, ``mu`` from the schedule) in noise levels ``s`` and timesteps
+    ``c_noise``, to two float32 ulps (diffusers holds both in float32), for ``steps`` step
+    counts."""
+    diffusers = require_diffusers()
+    keys = {key: value for key, value in config.items() if not key.startswith("_")}
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(keys)
+    scale = schedule.c_noise_scale
+    for num_steps in steps:
+        scheduler.set_timesteps(num_steps, mu=flow_mu(schedule))
+        sigmas = sigma_grid(schedule, num_steps, "uniform_t")
+        levels = (sigmas / (1 + sigmas)).to(torch.float32)
+        timesteps = schedule.c_noise(schedule.t_of_sigma(sigmas[:-1])).to(torch.float32)
+        theirs_levels = torch.as_tensor(scheduler.sigmas, dtype=torch.float32)
+        theirs_timesteps = torch.as_tensor(scheduler.timesteps, dtype=torch.float32)
+        if levels.shape != theirs_levels.shape or timesteps.shape != theirs_timesteps.shape:
+            return False
+        if float((levels - theirs_levels).abs().max()) > FLOW_SIGMA_ATOL:
+            return False
+        if float((timesteps - theirs_timesteps).abs().max()) > FLOW_TIMESTEP_ATOL_PER_N * scale:
+            return False
+    return True
+
+
+def flow_scheduler_config(schedule: FlowMatchingSchedule,
+                          class_name: str = FLOW_EXPORT_SCHEDULER) -> dict[str, Any]:
+    """The ``FlowMatchEulerDiscreteScheduler`` config that reproduces ``schedule`` (the inverse of
+    :func:`flow_schedule_from_config`): ``num_train_timesteps``, ``shift`` or the dynamic shift's
+    line and map, and every refused option at its allowed value. ``t_min``/``t_max`` (diffsweep's
+    sampling range) and the training ``density`` are not model keys in diffusers and are not
+    written (diffusers' grid runs from s = 1 to its ``sigma_min``, our default range). Checked
+    by rebuilding diffusers' scheduler from it (:func:`flow_grids_equal`)."""
+    if class_name != FLOW_EXPORT_SCHEDULER:
+        raise ValueError(f"class_name={class_name!r} for a flow-matching schedule; allowed: "
+                         f"{FLOW_EXPORT_SCHEDULER}.")
+    config: dict[str, Any] = {
+        "_class_name": class_name,
+        "num_train_timesteps": int(round(schedule.c_noise_scale)),
+        "shift": 1.0 if schedule.use_dynamic_shifting else float(schedule.shift),
+        "use_dynamic_shifting": bool(schedule.use_dynamic_shifting),
+        "base_shift": float(schedule.base_shift), "max_shift": float(schedule.max_shift),
+        "base_image_seq_len": int(schedule.base_image_seq_len),
+        "max_image_seq_len": int(schedule.max_image_seq_len),
+        "time_shift_type": schedule.time_shift_type,
+        **{key: allowed for key, (allowed, _) in FLOW_REFUSED_OPTIONS.items()},
+    }
+    default_range = flow_schedule_from_config(config, schedule.image_seq_len)
+    if not flow_grids_equal(default_range, config):
+        raise ValueError(f"The {class_name} config {config} does not reproduce {schedule!r}'s "
+                         f"grid; please report this (diffusers {require_diffusers().__version__}).")
+    return config
+
+
+def schedule_from_config(config: Mapping[str, Any],
+                         image_seq_len: int | None = None) -> NoiseSchedule:
+    """The diffsweep schedule of a diffusers scheduler config (see :func:`check_scheduler_config`):
+    a :class:`FlowMatchingSchedule` for :data:`FLOW_SCHEDULERS` (``image_seq_len`` for dynamic
+    shifting), else a :class:`DiscreteVPSchedule`."""
     check_scheduler_config(config)
+    if is_flow_config(config):
+        return flow_schedule_from_config(config, image_seq_len)
     rescale = bool(config.get("rescale_betas_zero_snr", False))
     if config.get("trained_betas") is not None:
         return TrainedBetasVPSchedule(config["trained_betas"], rescale_betas_zero_snr=rescale)
@@ -181,7 +376,8 @@ def _diffusers_scheduler(config: Mapping[str, Any]) -> Any:
     cls = getattr(diffusers, class_name, None)
     if cls is None:
         raise ValueError(f"scheduler _class_name={class_name!r} is not in the installed diffusers "
-                         f"{diffusers.__version__}; allowed: {', '.join(VP_SCHEDULERS)}.")
+                         f"{diffusers.__version__}; allowed: "
+                         f"{', '.join(VP_SCHEDULERS + FLOW_SCHEDULERS)}.")
     return cls.from_config(dict(config))
 
 
@@ -360,8 +556,7 @@ def load_net(folder: PathLike, variant: str | None = None) -> DiffusersUNet:
                          f"unexpected (e.g. {unexpected[:3]}).")
     unet.load_state_dict(state, strict=True)  # copies (and casts) into float32 parameters
     unet.eval()
-    metadata_path = model_dir / METADATA_FILE
-    metadata = read_json(metadata_path, "diffsweep metadata") if metadata_path.is_file() else {}
+    metadata = _metadata(model_dir)
     embeds = config.get("num_class_embeds")
     if embeds is None:
         return DiffusersUNet(unet)
@@ -430,16 +625,28 @@ def _check_folder(folder: Path) -> None:
                                 f"pipeline) nor config.json (a {UNET_CLASS}).")
 
 
-def resolve_scheduler_config(path: PathLike) -> tuple[dict[str, Any], DiscreteVPSchedule]:
+def resolve_scheduler_config(path: PathLike, image_seq_len: int | None = None
+                             ) -> tuple[dict[str, Any], NoiseSchedule]:
     """A scheduler config file -> (the config with diffusers' defaults for its class filled in,
     the schedule), refused before anything is built if it is not expressible, and checked
-    against diffusers' own ``alphas_cumprod`` (RuntimeError if they ever differ)."""
+    against diffusers' own scheduler (RuntimeError if they ever differ): the ``alphas_cumprod``
+    table of a VP scheduler, the ``set_timesteps`` grid of a flow scheduler
+    (:func:`flow_grids_equal`). ``image_seq_len``: latent tokens per image for a flow config with
+    ``use_dynamic_shifting`` (ignored otherwise)."""
     raw = read_json(path, "Scheduler config")
     check_scheduler_config(raw)
+    if is_flow_config(raw) and raw.get("use_dynamic_shifting") and image_seq_len is None:
+        flow_schedule_from_config(raw, None)  # the one-line refusal, before diffusers is built
     reference = _diffusers_scheduler(raw)
     full = dict(reference.config)
     full["_class_name"] = raw.get("_class_name", "DDPMScheduler")
-    schedule = schedule_from_config(full)
+    schedule = schedule_from_config(full, image_seq_len)
+    if isinstance(schedule, FlowMatchingSchedule):
+        if not flow_grids_equal(schedule, full):
+            raise RuntimeError(f"The schedule rebuilt from {path} differs from diffusers' "
+                               f"FlowMatchEulerDiscreteScheduler.set_timesteps; please report "
+                               f"this (diffusers {require_diffusers().__version__}).")
+        return full, schedule
     if not tables_equal(schedule, reference):
         raise RuntimeError(f"The schedule rebuilt from {path} differs from diffusers' "
                            f"{type(reference).__name__}.alphas_cumprod; please report this "
@@ -447,11 +654,21 @@ def resolve_scheduler_config(path: PathLike) -> tuple[dict[str, Any], DiscreteVP
     return full, schedule
 
 
-def load_schedule(folder: PathLike, scheduler: PathLike | None = None) -> DiscreteVPSchedule:
+def load_schedule(folder: PathLike, scheduler: PathLike | None = None,
+                  image_seq_len: int | None = None) -> NoiseSchedule:
     """The schedule of a pretrained folder, e.g. as the ``scheduler`` config of a fine-tuning run
-    (``_target_: diffsweep.diffusers_bridge.load_schedule``, ``folder: ${model.pretrained}``)."""
+    (``_target_: diffsweep.diffusers_bridge.load_schedule``, ``folder: ${model.pretrained}``).
+    ``image_seq_len`` as in :func:`load_pretrained`."""
     folder = Path(folder).expanduser()
-    return resolve_scheduler_config(_scheduler_config_path(folder, scheduler))[1]
+    if image_seq_len is None:
+        image_seq_len = _metadata(_unet_dir(folder)).get("image_seq_len")
+    return resolve_scheduler_config(_scheduler_config_path(folder, scheduler), image_seq_len)[1]
+
+
+def _metadata(model_dir: Path) -> dict[str, Any]:
+    """diffsweep's notes beside an exported UNet (:data:`METADATA_FILE`), {} for other folders."""
+    path = model_dir / METADATA_FILE
+    return read_json(path, "diffsweep metadata") if path.is_file() else {}
 
 
 # --------------------------------------------------------------------------- the model
@@ -465,10 +682,13 @@ class PretrainedModel:
         denoiser: :class:`~diffsweep.denoiser.Denoiser` over a :class:`DiffusersUNet`, the
             schedule and the prediction type (on the CPU, eval mode; ``.to(device)`` it).
         image_shape: ``(C, H, W)`` of one sample (``in_channels``, ``sample_size``).
-        info: flat values for results rows and loggers: ``source``, ``scheduler_class``,
-            ``prediction_type``, ``num_train_timesteps``, ``beta_schedule``, ``beta_start``,
-            ``beta_end``, ``rescale_betas_zero_snr``, ``timestep_spacing``, ``steps_offset``,
-            the x0 clipping keys of :data:`CLIP_KEYS` (applied by ``adapt_sampler``),
+        info: flat values for results rows and loggers: ``source``, ``unet_class``,
+            ``scheduler_class``, ``prediction_type``, ``num_train_timesteps``, then for a VP
+            scheduler ``beta_schedule``, ``beta_start``, ``beta_end``, ``rescale_betas_zero_snr``,
+            ``timestep_spacing``, ``steps_offset``, the x0 clipping keys of :data:`CLIP_KEYS`
+            (applied by ``adapt_sampler``), for a flow scheduler ``shift`` (the shift applied),
+            ``use_dynamic_shifting``, ``image_seq_len``, ``base_shift``, ``max_shift``,
+            ``base_image_seq_len``, ``max_image_seq_len``, ``time_shift_type``; then
             ``num_classes``, ``parameters``, ``weights`` (file names), ``weights_sha256``,
             ``fingerprint`` (a stable hash of the schedule config and weights).
     """
@@ -484,8 +704,9 @@ class PretrainedModel:
 
     def adapt_sampler(self, sampler: Sampler) -> Sampler:
         """``sampler`` on the scheduler config's grid when its spacing is ``auto``: the config's
-        ``timestep_spacing`` and, for ``leading``, its ``steps_offset``; any other sampler is
-        returned unchanged.
+        ``timestep_spacing`` and, for ``leading``, its ``steps_offset``; for a flow scheduler
+        ``uniform_t`` (FlowMatchEuler's ``set_timesteps`` grid); any other sampler is returned
+        unchanged.
 
         ``leading``/``trailing`` are the same integer indices in every diffusers scheduler;
         ``linspace`` is rounded for DDIM-type schedulers (diffsweep's ``linspace``) and fractional
@@ -494,6 +715,9 @@ class PretrainedModel:
         """
         if sampler.spacing != "auto":
             return sampler
+        if isinstance(self.denoiser.schedule, FlowMatchingSchedule):
+            return Sampler(sampler.method_name, sampler.num_steps, "uniform_t", sampler.rho,
+                           sampler.steps_offset, **sampler.options)
         spacing = self.info["timestep_spacing"]
         if spacing == "linspace" and self.info["scheduler_class"] in FRACTIONAL_LINSPACE:
             spacing = "linspace_frac"
@@ -512,7 +736,8 @@ CLIPPING_SAMPLERS = ("ddim", "ddpm")
 
 
 def load_pretrained(folder: PathLike, scheduler: PathLike | None = None,
-                    variant: str | None = None) -> PretrainedModel:
+                    variant: str | None = None,
+                    image_seq_len: int | None = None) -> PretrainedModel:
     """A diffusers pipeline or UNet2DModel folder as a :class:`PretrainedModel` (module docstring).
 
     Args:
@@ -522,6 +747,9 @@ def load_pretrained(folder: PathLike, scheduler: PathLike | None = None,
             folder's.
         variant: weights variant (``fp16`` reads ``diffusion_pytorch_model.fp16.safetensors``);
             weights are cast to float32.
+        image_seq_len: latent tokens per image for a flow scheduler with ``use_dynamic_shifting``
+            (diffusers' ``mu = calculate_shift(image_seq_len)``); default: the ``image_seq_len``
+            of ``diffsweep.json`` (a diffsweep export), else refused. Ignored otherwise.
 
     Raises FileNotFoundError for missing files and ValueError (one line: key, value, allowed) for
     what diffsweep cannot express, before any weights are read.
@@ -529,12 +757,15 @@ def load_pretrained(folder: PathLike, scheduler: PathLike | None = None,
     folder = Path(folder).expanduser().resolve()
     _check_folder(folder)
     config_path = _scheduler_config_path(folder, scheduler)
-    full, schedule = resolve_scheduler_config(config_path)
     model_dir = _unet_dir(folder)
+    if image_seq_len is None:
+        image_seq_len = _metadata(model_dir).get("image_seq_len")
+    full, schedule = resolve_scheduler_config(config_path, image_seq_len)
     shape = _image_shape(read_unet_config(model_dir), model_dir)
     files = weight_files(model_dir, variant)
     net = load_net(folder, variant)
-    prediction_type = full.get("prediction_type", "epsilon")
+    flow = isinstance(schedule, FlowMatchingSchedule)
+    prediction_type = "velocity" if flow else full.get("prediction_type", "epsilon")
     denoiser = Denoiser(net, schedule, prediction_type).eval()
     weights_sha256 = stable_hash([file_sha256(path) for path in files])
     info = {
@@ -542,25 +773,54 @@ def load_pretrained(folder: PathLike, scheduler: PathLike | None = None,
         "unet_class": UNET_CLASS,
         "scheduler_class": full["_class_name"],
         "prediction_type": prediction_type,
-        "num_train_timesteps": schedule.num_train_timesteps,
-        "beta_schedule": schedule.beta_schedule,
-        "beta_start": None if full.get("trained_betas") is not None else full.get("beta_start"),
-        "beta_end": None if full.get("trained_betas") is not None else full.get("beta_end"),
-        "rescale_betas_zero_snr": schedule.rescale_betas_zero_snr,
-        "timestep_spacing": full.get("timestep_spacing", "leading"),
-        "steps_offset": int(full.get("steps_offset", 0) or 0),
-        **{key: type(default)(full.get(key, default)) for key, default in CLIP_KEYS.items()},
+        **(_flow_info(schedule) if flow else _vp_info(full, schedule)),
         "num_classes": net.num_classes,
         "parameters": sum(p.numel() for p in net.parameters()),
         "weights": ";".join(path.name for path in files),
         "weights_sha256": weights_sha256,
-        "fingerprint": stable_hash({"schedule": _schedule_keys(full), "weights": weights_sha256,
-                                    "shape": list(shape)}, 16),
+        "fingerprint": stable_hash({"schedule": _schedule_keys(full, schedule),
+                                    "weights": weights_sha256, "shape": list(shape)}, 16),
     }
     return PretrainedModel(denoiser, shape, info)
 
 
-def _schedule_keys(config: Mapping[str, Any]) -> dict[str, Any]:
+def _vp_info(full: Mapping[str, Any], schedule: DiscreteVPSchedule) -> dict[str, Any]:
+    trained = full.get("trained_betas") is not None
+    return {
+        "num_train_timesteps": schedule.num_train_timesteps,
+        "beta_schedule": schedule.beta_schedule,
+        "beta_start": None if trained else full.get("beta_start"),
+        "beta_end": None if trained else full.get("beta_end"),
+        "rescale_betas_zero_snr": schedule.rescale_betas_zero_snr,
+        "timestep_spacing": full.get("timestep_spacing", "leading"),
+        "steps_offset": int(full.get("steps_offset", 0) or 0),
+        **{key: type(default)(full.get(key, default)) for key, default in CLIP_KEYS.items()},
+    }
+
+
+def _flow_info(schedule: FlowMatchingSchedule) -> dict[str, Any]:
+    return {
+        "num_train_timesteps": int(round(schedule.c_noise_scale)),
+        "shift": schedule.shift,
+        "use_dynamic_shifting": bool(schedule.use_dynamic_shifting),
+        "image_seq_len": schedule.image_seq_len,
+        "base_shift": schedule.base_shift, "max_shift": schedule.max_shift,
+        "base_image_seq_len": schedule.base_image_seq_len,
+        "max_image_seq_len": schedule.max_image_seq_len,
+        "time_shift_type": schedule.time_shift_type,
+    }
+
+
+def _schedule_keys(config: Mapping[str, Any],
+                   schedule: NoiseSchedule | None = None) -> dict[str, Any]:
+    """The keys of a scheduler config that define the model (the fingerprint's schedule part)."""
+    if is_flow_config(config):
+        keys = ("num_train_timesteps", "shift", "use_dynamic_shifting", *DYNAMIC_SHIFT_KEYS,
+                "time_shift_type")
+        found = {key: config.get(key) for key in keys}
+        if isinstance(schedule, FlowMatchingSchedule) and schedule.use_dynamic_shifting:
+            found["image_seq_len"] = schedule.image_seq_len
+        return found
     keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas",
             "prediction_type", "rescale_betas_zero_snr")
     return {key: config.get(key) for key in keys}
@@ -588,8 +848,11 @@ def is_pretrained_folder(path: PathLike) -> bool:
                               or (path / "config.json").is_file())
 
 
-__all__ = ["METADATA_FILE", "PretrainedModel", "TrainedBetasVPSchedule", "VP_SCHEDULERS",
-           "check_scheduler_config", "is_pretrained_folder", "load_net", "load_pretrained",
-           "load_schedule", "read_json", "read_unet_config", "resolve_scheduler_config", "read_weights_file", "schedule_from_config",
-           "scheduler_config", "tables_equal", "weight_files"]
+__all__ = ["FLOW_EXPORT_SCHEDULER", "FLOW_REFUSED_OPTIONS", "FLOW_SCHEDULERS", "METADATA_FILE",
+           "PretrainedModel", "REFUSED_SCHEDULERS", "TrainedBetasVPSchedule", "VP_SCHEDULERS",
+           "check_flow_scheduler_config", "check_scheduler_config", "flow_grids_equal", "flow_mu",
+           "flow_schedule_from_config", "flow_scheduler_config", "is_flow_config",
+           "is_pretrained_folder", "load_net", "load_pretrained", "load_schedule", "read_json",
+           "read_unet_config", "read_weights_file", "resolve_scheduler_config",
+           "schedule_from_config", "scheduler_config", "tables_equal", "weight_files"]
 

@@ -79,7 +79,8 @@ def load_model(cfg: DictConfig, device: torch.device) -> EvaluatedModel:
     if pretrained is not None:
         from diffsweep.diffusers_bridge import load_pretrained
 
-        model = load_pretrained(pretrained, scheduler=cfg.get("pretrained_scheduler"))
+        model = load_pretrained(pretrained, scheduler=cfg.get("pretrained_scheduler"),
+                                image_seq_len=cfg.get("pretrained_image_seq_len"))
         head = {"ckpt_path": "", "step": "", **model.row_fields(),
                 "train_data": hydra_choices().get("data", ""), "train_model": "pretrained",
                 "train_scheduler": model.info.get("scheduler_class", "")}
@@ -147,7 +148,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     row: dict[str, Any] = {
         **model.row_head, "sampler": sampler.method_name,
-        "num_steps": sampler.num_steps, "spacing": resolve_spacing(denoiser.schedule, sampler.spacing), "nfe": sampler.nfe,
+        "num_steps": sampler.num_steps, "spacing": resolve_spacing(denoiser.schedule, sampler.spacing),
+        "nfe": sampler.nfe_on(denoiser.schedule),
         "options": ";".join(f"{k}={v}" for k, v in sampler.options.items()),
         "guidance_scale": "" if guidance_scale is None else guidance_scale,
         "seed": cfg.seed, "precision": precision,

@@ -1,17 +1,18 @@
 """Export a trained model as a diffusers pipeline folder.
 
-``python -m diffsweep.export ckpt_path=<ckpt> out=<folder> [weights=ema|raw] [pipeline=ddim|ddpm]
-[overwrite=false]`` writes::
+``python -m diffsweep.export ckpt_path=<ckpt> out=<folder> [weights=ema|raw]
+[pipeline=ddim|ddpm|flow] [overwrite=false]`` writes::
 
     <out>/model_index.json                       DDIMPipeline (or DDPMPipeline), written last
     <out>/unet/config.json                       UNet2DModel config
     <out>/unet/diffusion_pytorch_model.safetensors   EMA weights by default
     <out>/unet/diffsweep.json                    null label, provenance (diffusers ignores it)
-    <out>/scheduler/scheduler_config.json        DDIMScheduler / DDPMScheduler config
+    <out>/scheduler/scheduler_config.json        DDIMScheduler / DDPMScheduler /
+                                                 FlowMatchEulerDiscreteScheduler config
 
 so that ``DiffusionPipeline.from_pretrained(out)`` samples what diffsweep samples: the same DDIM
-trajectory from the same noise, up to float rounding. A folder without ``model_index.json`` is an
-unfinished export.
+trajectory (flow: the same Euler trajectory) from the same noise, up to float rounding. A folder
+without ``model_index.json`` is an unfinished export.
 
 Nets:
 
@@ -35,9 +36,27 @@ checked bit for bit against the scheduler diffusers rebuilds. ``vp_continuous`` 
 ``c_noise = n``: the same model on diffusers' integer timesteps (betas rounded to float32; at
 ``t = 0``, where sigma = 0 and diffusers' DDIM would divide 0 by 0, ``beta_0 = 2**-24``).
 VE and EDM schedules are refused: diffusers has no pipeline that feeds a ``UNet2DModel`` their
-``c_in`` scaling and ``log(sigma) / 4`` noise conditioning; flow matching is not exported yet.
-Prediction types: ``epsilon``, ``sample``, ``v_prediction`` (diffusers' names);
-``velocity`` (flow) is refused.
+``c_in`` scaling and ``log(sigma) / 4`` noise conditioning.
+Prediction types: ``epsilon``, ``sample``, ``v_prediction`` (diffusers' names) on VP schedules.
+
+Flow matching (``scheduler=flow|flow_sd3|flow_flux``, ``prediction_type=velocity``) exports with a
+``FlowMatchEulerDiscreteScheduler`` config (``num_train_timesteps``, ``shift``, or the dynamic
+shift's ``base_shift``/``max_shift``/``base_image_seq_len``/``max_image_seq_len``/
+``time_shift_type``): its step ``x + (sigma_next - sigma) * unet(x, t).sample`` is our Euler (=
+DDIM) step with the net predicting ``eps - x0``, told ``t = 1000 s`` and fed ``x_t``. diffusers
+has no unconditional ``UNet2DModel`` flow pipeline; ``model_index.json`` names
+``DDPMPipeline`` with the flow scheduler, whose loop (``randn`` -> ``set_timesteps(n)`` ->
+``step(unet(x, t).sample, t, x)`` for each ``t`` -> ``x / 2 + 0.5`` clamped) is exactly the flow
+Euler loop, so ``DiffusionPipeline.from_pretrained(out)(num_inference_steps=n)`` samples it
+(a static shift; DDPMPipeline cannot pass ``mu``, so a dynamically shifted model is sampled with
+the loop and ``set_timesteps(n, mu=...)``, ``mu`` being written to ``unet/diffsweep.json``;
+docs/FLOW.md has the loop). ``pipeline=ddim`` (the default) or ``pipeline=flow`` selects this
+for a flow schedule (DDIM with eta = 0 is that Euler step); ``pipeline=ddpm`` is refused (the
+flow scheduler's ``stochastic_sampling`` re-noises fully, not DDPM's posterior), and so are the
+prediction types ``epsilon``, ``sample`` and ``v_prediction`` on a flow schedule (the flow
+scheduler's step takes a velocity). ``t_min``/``t_max``/``density`` are sampling and training
+choices diffusers' config has no keys for: the export samples diffusers' grid (s from 1), which
+is diffsweep's default range, and ``unet/diffsweep.json`` keeps the full schedule for provenance.
 """
 
 from __future__ import annotations
@@ -53,19 +72,26 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from diffsweep.denoiser import Denoiser
-from diffsweep.diffusers_bridge import (METADATA_FILE, VP_PREDICTION_TYPES, WEIGHT_FILES,
-                                        TrainedBetasVPSchedule, scheduler_config)
+from diffsweep.diffusers_bridge import (FLOW_EXPORT_SCHEDULER, METADATA_FILE,
+                                        VP_PREDICTION_TYPES, WEIGHT_FILES,
+                                        TrainedBetasVPSchedule, flow_mu, flow_scheduler_config,
+                                        scheduler_config)
 from diffsweep.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from diffsweep.nets.diffusers_unet import DiffusersUNet, block_types, require_diffusers
 from diffsweep.nets.unet import AttentionBlock, Downsample, ResBlock, UNet, Upsample
-from diffsweep.schedules import ContinuousVPSchedule, DiscreteVPSchedule, NoiseSchedule
+from diffsweep.schedules import (ContinuousVPSchedule, DiscreteVPSchedule, FlowMatchingSchedule,
+                                 NoiseSchedule)
 
 log = logging.getLogger(__name__)
 
 PathLike = str | Path
 
-#: ``pipeline=`` choice -> (pipeline class, scheduler class).
-PIPELINES = {"ddim": ("DDIMPipeline", "DDIMScheduler"), "ddpm": ("DDPMPipeline", "DDPMScheduler")}
+#: ``pipeline=`` choice -> (pipeline class, scheduler class). ``flow``: DDPMPipeline's loop with the
+#: flow scheduler is the flow Euler loop (module docstring); ``ddim`` means it on a flow schedule.
+PIPELINES = {"ddim": ("DDIMPipeline", "DDIMScheduler"), "ddpm": ("DDPMPipeline", "DDPMScheduler"),
+             "flow": ("DDPMPipeline", FLOW_EXPORT_SCHEDULER)}
+#: The pipelines each family exports with.
+VP_PIPELINES, FLOW_PIPELINES = ("ddim", "ddpm"), ("ddim", "flow")
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 #: ``python -m diffsweep.export`` keys and their defaults (None: required).
 CLI_KEYS: dict[str, Any] = {"ckpt_path": None, "out": None, "weights": "ema", "pipeline": "ddim",
@@ -260,10 +286,25 @@ def continuous_vp_betas(schedule: ContinuousVPSchedule) -> list[float]:
 def export_scheduler_config(schedule: NoiseSchedule, prediction_type: str, class_name: str,
                             beta_range: tuple[float, float] | None = None) -> dict[str, Any]:
     """The diffusers scheduler config of ``schedule`` (module docstring); ExportError for VE/EDM,
-    flow matching and the flow ``velocity`` prediction."""
+    the ``velocity`` prediction on a VP schedule and any other on a flow schedule.
+
+    A :class:`FlowMatchingSchedule` exports as :data:`FLOW_EXPORT_SCHEDULER` (``class_name``
+    must name it) with ``prediction_type='velocity'``.
+    """
+    if isinstance(schedule, FlowMatchingSchedule):
+        if prediction_type != "velocity":
+            raise ExportError(f"Cannot export prediction_type={prediction_type!r} on a "
+                              f"FlowMatchingSchedule: {FLOW_EXPORT_SCHEDULER} steps x + "
+                              f"(sigma_next - sigma) * model_output, so the net must predict the "
+                              f"velocity eps - x0; allowed: velocity.")
+        if class_name != FLOW_EXPORT_SCHEDULER:
+            raise ExportError(f"Cannot export a FlowMatchingSchedule as a {class_name}; allowed: "
+                              f"{FLOW_EXPORT_SCHEDULER}.")
+        return flow_scheduler_config(schedule, class_name)
     if prediction_type not in VP_PREDICTION_TYPES:
         raise ExportError(f"Cannot export prediction_type={prediction_type!r}: diffusers' VP "
-                          f"schedulers take {', '.join(VP_PREDICTION_TYPES)}.")
+                          f"schedulers take {', '.join(VP_PREDICTION_TYPES)} (velocity exports "
+                          f"with a flow schedule, scheduler=flow|flow_sd3|flow_flux).")
     if isinstance(schedule, DiscreteVPSchedule):
         return scheduler_config(schedule, prediction_type, class_name, beta_range)
     if isinstance(schedule, ContinuousVPSchedule):
@@ -273,9 +314,9 @@ def export_scheduler_config(schedule: NoiseSchedule, prediction_type: str, class
         f"Cannot export a {type(schedule).__name__}: diffusers' DDIM/DDPM pipelines feed a "
         f"UNet2DModel x_t and a training index of a VP table, which this schedule is not (VE/EDM "
         f"nets are fed x / sqrt(sigma^2 + sigma_data^2) and log(sigma) / 4; diffusers' EDM "
-        f"schedulers parametrise the output differently; flow matching export is a later "
-        f"issue). Train with a VP schedule (scheduler=linear|scaled_linear|cosine|vp_continuous) "
-        f"to export.")
+        f"schedulers parametrise the output differently). Train with a VP schedule "
+        f"(scheduler=linear|scaled_linear|cosine|vp_continuous) or a flow schedule "
+        f"(scheduler=flow|flow_sd3|flow_flux) to export.")
 
 
 # --------------------------------------------------------------------------- writing
@@ -304,14 +345,14 @@ def export_pipeline(denoiser: Denoiser, image_shape: Sequence[int], out: PathLik
         image_shape: ``(C, H, W)``: the UNet's ``in_channels`` and ``sample_size``.
         out: the folder (created; must be empty unless ``overwrite``).
         pipeline: ``ddim`` (DDIMPipeline + DDIMScheduler) or ``ddpm`` (DDPMPipeline +
-            DDPMScheduler, ``fixed_small`` variance).
+            DDPMScheduler, ``fixed_small`` variance) for a VP schedule; ``ddim`` or ``flow``
+            (DDPMPipeline + FlowMatchEulerDiscreteScheduler) for a flow schedule.
         beta_range: ``(beta_start, beta_end)`` of a named discrete schedule, when known.
         metadata: extra provenance for ``unet/diffsweep.json`` (source checkpoint, weights).
 
     Returns the folder. Files are written atomically, ``model_index.json`` last.
     """
-    if pipeline not in PIPELINES:
-        raise ValueError(f"pipeline={pipeline!r}; allowed: {', '.join(PIPELINES)}.")
+    pipeline = _pipeline_for(denoiser.schedule, pipeline)
     pipeline_class, scheduler_class = PIPELINES[pipeline]
     channels, height, width = (int(size) for size in image_shape)
     scheduler_kwargs = export_scheduler_config(denoiser.schedule, denoiser.prediction_type,
@@ -340,13 +381,42 @@ def export_pipeline(denoiser: Denoiser, image_shape: Sequence[int], out: PathLik
     atomic_write_json(out / "unet" / METADATA_FILE, {
         "format": 1, "num_classes": net.num_classes, "null_label": net.null_label,
         "schedule": repr(denoiser.schedule), "prediction_type": denoiser.prediction_type,
-        **dict(metadata or {})})
+        **_flow_metadata(denoiser.schedule), **dict(metadata or {})})
     atomic_write_text(out / "scheduler" / "scheduler_config.json", scheduler.to_json_string())
     index = {"_class_name": pipeline_class, "_diffusers_version": diffusers.__version__,
              "scheduler": ["diffusers", scheduler_class], "unet": ["diffusers", "UNet2DModel"]}
     atomic_write_text(out / "model_index.json", json.dumps(index, indent=2) + "\n")
     log.info("Exported a %s to %s.", pipeline_class, out)
     return out
+
+
+def _pipeline_for(schedule: NoiseSchedule, pipeline: str) -> str:
+    """The :data:`PIPELINES` key ``pipeline`` means for ``schedule``: ``flow`` for ``ddim`` or
+    ``flow`` on a flow schedule; ValueError for a choice the schedule's family has no use for."""
+    if pipeline not in PIPELINES:
+        raise ValueError(f"pipeline={pipeline!r}; allowed: {', '.join(PIPELINES)}.")
+    if isinstance(schedule, FlowMatchingSchedule):
+        if pipeline not in FLOW_PIPELINES:
+            raise ExportError(f"pipeline={pipeline!r} has no flow-matching equivalent in "
+                              f"diffusers ({FLOW_EXPORT_SCHEDULER}'s stochastic_sampling re-noises "
+                              f"fully, not DDPM's posterior); allowed for a FlowMatchingSchedule: "
+                              f"{', '.join(FLOW_PIPELINES)} (the Euler = DDIM step).")
+        return "flow"
+    if pipeline not in VP_PIPELINES:
+        raise ExportError(f"pipeline={pipeline!r} needs a flow-matching schedule "
+                          f"(scheduler=flow|flow_sd3|flow_flux), not a {type(schedule).__name__}; "
+                          f"allowed: {', '.join(VP_PIPELINES)}.")
+    return pipeline
+
+
+def _flow_metadata(schedule: NoiseSchedule) -> dict[str, Any]:
+    """What diffusers' flow config leaves to the pipeline: ``image_seq_len`` and ``mu`` of a
+    dynamically shifted schedule (``set_timesteps(n, mu=mu)``; read back by load_pretrained)."""
+    if not isinstance(schedule, FlowMatchingSchedule) or not schedule.use_dynamic_shifting:
+        return {}
+    log.warning("Dynamic shifting: DDPMPipeline calls set_timesteps without mu; sample the export "
+                "with the loop of docs/FLOW.md and set_timesteps(n, mu=%r).", flow_mu(schedule))
+    return {"image_seq_len": schedule.image_seq_len, "mu": flow_mu(schedule)}
 
 
 def _beta_range_from_config(config: Mapping[str, Any] | None) -> tuple[float, float] | None:
@@ -392,8 +462,8 @@ def parse_args(argv: Sequence[str]) -> dict[str, Any]:
     missing = [key for key, value in settings.items() if value is None]
     if missing:
         raise ValueError(f"Missing {missing[0]}=...; usage: python -m diffsweep.export "
-                         f"ckpt_path=<ckpt> out=<folder> [weights=ema|raw] [pipeline=ddim|ddpm] "
-                         f"[overwrite=false].")
+                         f"ckpt_path=<ckpt> out=<folder> [weights=ema|raw] "
+                         f"[pipeline=ddim|ddpm|flow] [overwrite=false].")
     return settings
 
 
@@ -404,9 +474,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
                              pipeline=settings["pipeline"], overwrite=bool(settings["overwrite"]))
 
 
-__all__ = ["ExportError", "PIPELINES", "continuous_vp_betas", "convert_unet", "diffusers_net",
-           "export_checkpoint", "export_pipeline", "export_scheduler_config", "main",
-           "parse_args", "unet2d_config", "unet2d_state_dict"]
+__all__ = ["ExportError", "FLOW_PIPELINES", "PIPELINES", "VP_PIPELINES", "continuous_vp_betas",
+           "convert_unet", "diffusers_net", "export_checkpoint", "export_pipeline",
+           "export_scheduler_config", "main", "parse_args", "unet2d_config", "unet2d_state_dict"]
 
 
 if __name__ == "__main__":

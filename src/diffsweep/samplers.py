@@ -261,25 +261,76 @@ def _check_flag(name: str, value: object) -> None:
         raise ValueError(f"sampler.{name} must be true or false, got {value!r}.")
 
 
+#: Grid values at or above this sigma~ stand for the pole sigma~ = inf (2**24 ~ 1.7e7). From such a
+#: point the net, which runs in float32, sees the pole itself: its input ``c_in x~ ~ x~ / sigma~ =
+#: eps + x0 / sigma~`` holds the data below a float32 ulp. FlowMatchingSchedule's default
+#: ``t_max = 1 - 1e-9`` (sigma~_max = k 1e9) represents t = 1 this way; every finite-range schedule
+#: stays far below (cosine's table tops out at 2e4, zero terminal SNR at 4096, EDM at 80).
+SIGMA_INFINITY = 2.0**24
+
+
+def heun_plan(sigmas: Tensor, s_churn: float = 0.0, s_tmin: float = 0.0,
+              s_tmax: float = float("inf")) -> list[tuple[float, float, float, bool]]:
+    """The steps :func:`sample_heun` takes: ``(sigma, sigma_next, gamma, corrected)`` each.
+
+    ``gamma`` is the churn of the step (``sigma_hat = sigma (1 + gamma)``); ``corrected`` says
+    whether the step takes Heun's trapezoid (two evaluations) or stays an Euler step (one): Euler
+    on a step that touches a pole of sigma~, to ``sigma_next = 0`` (EDM) or from ``sigma_hat >=``
+    :data:`SIGMA_INFINITY`. Zero-length steps are left out (:func:`_steps`). The one description
+    of the method's steps: the sampler and its NFE count (:func:`heun_nfe_on`) both read it.
+    """
+    steps = _steps(sigmas)
+    plan = []
+    for sigma, sigma_next in steps:
+        gamma = (min(s_churn / len(steps), math.sqrt(2) - 1)
+                 if s_churn > 0 and s_tmin <= sigma <= s_tmax else 0.0)
+        sigma_hat = sigma * (1 + gamma)
+        corrected = sigma_next > 0 and sigma_hat < SIGMA_INFINITY
+        plan.append((sigma, sigma_next, gamma, corrected))
+    return plan
+
+
 @torch.no_grad()
 def sample_heun(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor,
                 generator: torch.Generator | None = None, s_churn: float = 0.0,
                 s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0) -> Tensor:
-    """EDM Algorithm 2: Heun's 2nd-order method with optional churn; Euler on the step to 0.
+    """EDM Algorithm 2: Heun's 2nd-order method with optional churn; Euler to and from a pole.
 
     ``s_churn`` adds noise raising sigma by ``gamma = min(s_churn / num_steps, sqrt(2) - 1)``
     for sigma in ``[s_tmin, s_tmax]``; ``s_churn = 0`` is the deterministic Algorithm 1.
+
+    Which steps are Euler steps, and why. With ``D`` the x0 prediction, ``d = (x~ - D) / sigma~``
+    and ``r = sigma_hat / sigma_next``, Heun's step is exactly
+
+        ``x_next = x / r + (1 - 1/r) (D_hat + (r / 2) (D_next - D_hat))``,
+
+    while the exact step is ``x / r + (1 - 1/r) <D>`` with ``<D>`` an average of ``D`` along the
+    path (weights ``sigma_next / (1 - 1/r) / sigma~^2``: a convex combination). Heun's trapezoid in
+    sigma~ extrapolates the change of x0 by ``r / 2``; the Euler step (``<D> ~ D_hat``) never
+    does. At the two poles of sigma~ the trapezoid has no limit: to ``sigma_next = 0`` the end
+    derivative ``d_next`` is 0 / 0 (EDM and k-diffusion take the Euler step there), and from
+    ``sigma_hat = inf`` (r = inf) the interval is unbounded: the correction
+    ``((r - 1) / 2) (D_next - D_hat)`` grows without bound as the start approaches the pole,
+    ``~ sigma_hat |dD| / (2 sigma_next)`` (errors 1e2-5e4 at 24-64 steps on flow's default grid,
+    t_max = 1 - 1e-9, sigma~_max = k 1e9), while the Euler step from there tends to the exact
+    limit ``D_inf + sigma_next eps`` (the first step of diffusers' FlowMatchEuler). So a step from
+    a point at or above :data:`SIGMA_INFINITY`, which stands for the pole, is an Euler step too:
+    the mirror image of EDM's last step. Its error, ``O(|dD|)`` with ``dD ~ 1 / sigma_next`` far
+    above the data's scale, reaches x0 damped by another ``~1 / sigma_next``, so the method stays
+    2nd order (measured 1.9-2.1 on flow grids, tests/test_flow.py). Every other step is EDM's,
+    bit for bit: on grids below :data:`SIGMA_INFINITY` (every VP, VE and EDM grid; flow with
+    ``k t_max / (1 - t_max) < 2**24``, e.g. ``t_max = 1 - 1/N``) this is EDM Algorithm 2
+    unchanged. NFE: two per step, one on a step to 0 or from the pole: ``2 num_steps - 1`` below
+    the pole, ``2 num_steps - 2`` on a flow grid from it (:func:`heun_nfe_on`,
+    :meth:`Sampler.nfe_on`).
     """
-    steps = _steps(sigmas)
-    for sigma, sigma_next in steps:
-        gamma = (min(s_churn / len(steps), math.sqrt(2) - 1)
-                 if s_churn > 0 and s_tmin <= sigma <= s_tmax else 0.0)
+    for sigma, sigma_next, gamma, corrected in heun_plan(sigmas, s_churn, s_tmin, s_tmax):
         sigma_hat = sigma * (1 + gamma)
         if gamma > 0:
             x = x + math.sqrt(sigma_hat**2 - sigma**2) * s_noise * _noise_like(x, generator)
         d = to_d(x, sigma_hat, _denoise(denoiser, x, sigma_hat))
         x_euler = x + (sigma_next - sigma_hat) * d
-        if sigma_next == 0:
+        if not corrected:
             x = x_euler
         else:
             d_next = to_d(x_euler, sigma_next, _denoise(denoiser, x_euler, sigma_next))
@@ -458,13 +509,28 @@ def _check_lms_order(order: int) -> None:
                          f"got {order!r}.")
 
 
+def _no_saving(sigmas: Tensor, options: dict) -> int:
+    return 0
+
+
 @dataclass(frozen=True)
 class SamplerMethod:
-    """A registered sampler: its function, NFE for a step count, and whether it draws noise."""
+    """A registered sampler: its function, NFE for a step count, and whether it draws noise.
+
+    ``nfe(num_steps)`` is the count for a step count on a grid that does not reach the pole
+    sigma~ = inf; ``saved(sigmas, options)`` is how many evaluations a particular grid saves
+    against it (Heun: one per step from the pole, see :func:`sample_heun`); :meth:`nfe_on` is
+    their difference, the evaluations the sampler makes on that grid.
+    """
 
     fn: SamplerFn
     nfe: Callable[[int], int]
     stochastic: bool = False
+    saved: Callable[[Tensor, dict], int] = _no_saving
+
+    def nfe_on(self, sigmas: Tensor, options: dict | None = None) -> int:
+        """Network evaluations on the grid ``sigmas`` (``len(sigmas) - 1`` steps), ``options``."""
+        return self.nfe(len(sigmas) - 1) - self.saved(sigmas, dict(options or {}))
 
 
 def _one_per_step(num_steps: int) -> int:
@@ -472,8 +538,21 @@ def _one_per_step(num_steps: int) -> int:
 
 
 def _heun_nfe(num_steps: int) -> int:
-    """Two evaluations a step, one on the Euler step to sigma~ = 0."""
+    """Two evaluations a step, one on the Euler step to sigma~ = 0 (grids below the pole)."""
     return 2 * num_steps - 1
+
+
+def _heun_saved(sigmas: Tensor, options: dict) -> int:
+    """Evaluations Heun saves on ``sigmas`` against :func:`_heun_nfe`: one per Euler step from the
+    pole sigma~ = inf (:func:`heun_plan`; the step to 0 is already counted as one)."""
+    churn = {key: options[key] for key in ("s_churn", "s_tmin", "s_tmax") if key in options}
+    return sum(1 for _, sigma_next, _, corrected in heun_plan(sigmas, **churn)
+               if sigma_next > 0 and not corrected)
+
+
+def heun_nfe_on(sigmas: Tensor, **options) -> int:
+    """Network evaluations :func:`sample_heun` makes on ``sigmas`` with ``options``."""
+    return SAMPLERS["heun"].nfe_on(sigmas, options)
 
 
 #: name -> method. ``ddpm`` is ancestral sampling with eta = 1 (plus DDPM's x0 clipping options).
@@ -482,7 +561,7 @@ SAMPLERS: dict[str, SamplerMethod] = {
     "ddim": SamplerMethod(sample_ddim, _one_per_step),
     "ddpm": SamplerMethod(sample_ddpm, _one_per_step, stochastic=True),
     "euler_ancestral": SamplerMethod(sample_ancestral, _one_per_step, stochastic=True),
-    "heun": SamplerMethod(sample_heun, _heun_nfe),
+    "heun": SamplerMethod(sample_heun, _heun_nfe, saved=_heun_saved),
     "dpmpp_2m": SamplerMethod(sample_dpmpp_2m, _one_per_step),
     "dpmpp_2m_sde": SamplerMethod(sample_dpmpp_2m_sde, _one_per_step, stochastic=True),
     "unipc": SamplerMethod(sample_unipc, _one_per_step),
@@ -574,8 +653,16 @@ class Sampler:
 
     @property
     def nfe(self) -> int:
-        """Network evaluations per sample for this method and step count."""
+        """Network evaluations per sample for this method and step count, on a grid below the pole
+        sigma~ = inf; :meth:`nfe_on` counts them on a schedule's grid (Heun from flow's default
+        ``t_max``, which stands for t = 1, makes one fewer)."""
         return self.method.nfe(self.num_steps)
+
+    def nfe_on(self, schedule: NoiseSchedule) -> int:
+        """Network evaluations per sample on ``schedule``'s grid (:meth:`sigmas`): :attr:`nfe`, less
+        what the grid saves (:attr:`SamplerMethod.saved`)."""
+        return self.method.nfe(self.num_steps) - self.method.saved(self.sigmas(schedule),
+                                                                   self.options)
 
     def sigmas(self, schedule: NoiseSchedule) -> Tensor:
         """The float64 sigma~ grid (``num_steps + 1`` values, last 0) for ``schedule``."""

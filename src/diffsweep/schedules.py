@@ -542,11 +542,11 @@ class FlowMatchingSchedule(NoiseSchedule):
     shifts the grid again) and ``1 / N`` with dynamic shifting; training clamps to the same range.
 
     With ``t_max`` that close to 1, grids that follow sigma~ (``karras``, ``log_snr``) spend most
-    steps at ``t > 0.99``, Heun's trapezoid in sigma~ over the first ``uniform_t`` interval is
-    ill-conditioned (error ~ ``sigma~_max |dx0_hat| / sigma~_1^2``), and an epsilon- or
-    x0-predicting net must resolve x0 from eps at SNR ~1e-18. Sample flow models with
-    ``spacing=uniform_t``; for Heun on ``uniform_t`` or for an epsilon-predicting net set
-    ``t_max = 1 - 1 / N`` (diffusers' flow DPM-Solver/UniPC grids start there).
+    steps at ``t > 0.99``, and an epsilon- or x0-predicting net must resolve x0 from eps at SNR
+    ~1e-18. Heun takes an Euler step from such a start (``samplers.SIGMA_INFINITY``: its
+    trapezoid would extrapolate by ``sigma~_max / sigma~_1`` there). Sample flow models with
+    ``spacing=uniform_t``; for an epsilon-predicting net set ``t_max = 1 - 1 / N`` (diffusers'
+    flow DPM-Solver/UniPC grids start there).
 
     Args:
         num_train_timesteps: N; the net is told ``c_noise = N s``.

@@ -107,7 +107,8 @@ class FIDCallback(Callback):
         if self.every_n_val_epochs > 0 or self.at_train_end:
             self._prepare(trainer, pl_module)
             pairs = {name: {"sampler": sampler.method_name, "num_steps": sampler.num_steps,
-                            "nfe": int(sampler.nfe)} for name, sampler in self.pairs}
+                            "nfe": int(sampler.nfe_on(pl_module.denoiser.schedule))}
+                     for name, sampler in self.pairs}
             for logger in trainer.loggers:
                 logger.log_hyperparams({"fid_pairs": pairs})
 

@@ -185,6 +185,7 @@ class FIDEvaluator:
         self._metrics: dict[str, FrechetDistance] = {}
         self._banks: dict[str, FeatureBank] = {}
         self._pending: list[Pair] = []
+        self._pending_nfe: dict[str, int] = {}  # net evaluations per sample of each pending pair
 
     # ------------------------------------------------------------------ preparation
     @property
@@ -321,6 +322,8 @@ class FIDEvaluator:
                 if bank is not None:
                     bank.update(features)
         self._pending = resolved
+        self._pending_nfe = {name: int(sampler.nfe_on(denoiser.schedule))
+                             for name, sampler in resolved}
 
     def compute(self) -> dict[str, float | int]:
         """``{"fid/<name>": float, "nfe/<name>": int}`` (and the KID, precision/recall keys, see
@@ -332,7 +335,7 @@ class FIDEvaluator:
         for name, sampler in self._pending:
             metric = self._metrics[name]
             results[f"fid/{name}"] = float(metric.compute())
-            results[f"nfe/{name}"] = int(sampler.nfe)
+            results[f"nfe/{name}"] = self._pending_nfe.get(name, int(sampler.nfe))
             metric.reset()
             if self.needs_features:
                 bank = self._banks[name]

@@ -10,6 +10,11 @@ What the UNet is told. ``c_noise`` goes in unchanged as the UNet's ``timestep`` 
   exactly the integer diffusers' DDPM/DDIM/DPM-Solver pipelines pass (grids between table entries
   give the fractional index, as diffusers' Euler-type schedulers do);
 - ``vp_continuous``: ``c_noise = 999 t``, on the same scale as the index;
+- flow matching (``FlowMatchingSchedule``): ``c_noise = N s`` (``N = num_train_timesteps``), the
+  ``timestep = sigmas * num_train_timesteps`` that ``FlowMatchEulerDiscreteScheduler`` gives the
+  UNet, and the input ``c_in x~ = (1 - s) x~`` is its sample ``x_t`` (both equal to float32
+  rounding, one ulp of the timestep: tests/test_diffusers_bridge_flow.py); fractional, so a
+  ``learned`` (table) time embedding refuses it;
 - ``ve`` / ``edm``: ``c_noise = log(sigma) / 4`` (about -1.5 .. 1.1), not an index. The UNet's
   sinusoidal time embedding (``time_embedding_type="positional"``) accepts any float, so these
   train as they do with EDM's own nets (which embed the same c_noise); such a net only means

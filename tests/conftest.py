@@ -77,6 +77,19 @@ def train_config(tmp_path):
     return make
 
 
+#: Fashion-MNIST idx files beside the repository (../shared/data), for the time-to-quality tests
+FASHION = REPO.parent / "shared" / "data" / "fashion-mnist"
+
+
+def require_race_inputs() -> Path:
+    """The Fashion-MNIST folder for a time-to-quality race, or skip (no data, or a peer missing)."""
+    for package in ("diffusers", "denoising_diffusion_pytorch"):
+        pytest.importorskip(package)
+    if not any(FASHION.glob("train-images-idx3-ubyte*")):
+        pytest.skip(f"no Fashion-MNIST idx files in {FASHION}")
+    return FASHION
+
+
 def run_entry_point(script: str, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``python <repo>/<script> args...`` in ``cwd``; returns the completed process."""
     env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}

@@ -124,3 +124,36 @@ def test_every_experiment_config_composes(tmp_path):
         name = "evaluate" if path.stem.startswith("eval") else "train"
         cfg = compose_config(name, [f"experiment={path.stem}", "ckpt_path=x.ckpt"], tmp_path)
         assert cfg.task_name, path
+
+
+@pytest.mark.slow
+def test_four_families_sweep_then_evaluate_sweep_then_fid_vs_nfe_side_by_side(tmp_path):
+    """The README's four-family commands at tiny size: train -m over linear, ve, edm, flow (each
+    with its own target via prediction_type=auto), evaluate -m over the four checkpoints, and
+    the analyze table has a row per family."""
+    from tests.conftest import FAST, run_entry_point
+
+    tiny = ["model.base_channels=8", "model.channel_mults=[1,2]", "model.attention_resolutions=[]",
+            "data.resolution=8", "trainer.max_steps=2"]
+    train = run_entry_point("train.py", "-m", "scheduler=linear,ve,edm,flow", *FAST, *tiny,
+                            "hydra.sweep.dir=sweep", cwd=tmp_path, timeout=600)
+    assert train.returncode == 0, train.stderr[-3000:]
+    checkpoints = sorted(str(p) for p in (tmp_path / "sweep").glob("*/checkpoints/last.ckpt"))
+    assert len(checkpoints) == 4
+    results = tmp_path / "fid.csv"
+    evaluate = run_entry_point("evaluate.py", "-m", f"ckpt_path={','.join(checkpoints)}",
+                               "sampler=euler,heun", "sampler.num_steps=2,3", "metrics=fid_tiny",
+                               "metrics.fid.evaluator.num_samples=8", "grid_samples=4",
+                               f"results_file={results}", "hydra.sweep.dir=eval", cwd=tmp_path,
+                               timeout=600)
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    analyze = _load("vp_vs_ve")
+    analyze.main([str(results), "--budgets", "2,5", "--out-dir", str(tmp_path)])
+    table = (tmp_path / "results.md").read_text()
+    for family in ("linear", "ve", "edm", "flow"):
+        assert f"| {family} | euler" in table and f"| {family} | heun" in table, family
+    rows = list(csv.DictReader(open(results)))
+    assert {row["train_scheduler"] for row in rows} == {"linear", "ve", "edm", "flow"}
+    flow_heun = {row["nfe"] for row in rows if row["train_scheduler"] == "flow"
+                 and row["sampler"] == "heun"}
+    assert flow_heun == {"2", "4"}   # Heun's Euler step from the flow pole: 2n - 2 evaluations

@@ -1136,3 +1136,13 @@ def test_training_run_with_fid_tiny(train_config):
                        "metrics.fid.pairs=[{sampler: ddim, num_steps: 2}]")
     metrics = run(cfg)
     assert metrics["nfe/ddim_2"] == 2 and np.isfinite(metrics["fid/ddim_2"])
+
+
+def test_real_floor_is_the_fid_of_held_out_real_images_and_shrinks_with_more_of_them(tmp_path):
+    dm = _digits_dm()
+    evaluator = FIDEvaluator(TinyFeatureExtractor(dim=8), num_samples=40, batch_size=20,
+                             cache_dir=tmp_path)
+    few, many = evaluator.real_floor(dm, "val", 40), evaluator.real_floor(dm, "val", 180)
+    assert 0 < many < few            # finite-sample bias falls with the sample count
+    assert evaluator.real_floor(dm, "val") == pytest.approx(few)  # default: num_samples
+    assert evaluator.real_floor(dm, "train", 1617) < many  # the reference's own images: ~0

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import FASHION, require_race_inputs
+
 REPO = Path(__file__).resolve().parents[1]
 CLAIMS = REPO / "experiments" / "paper_claims"
-FASHION = REPO.parent / "shared" / "data" / "fashion-mnist"
 
 
 def _load(path: Path, name: str):
@@ -51,10 +52,7 @@ def test_the_sd3_table_reports_each_rival_and_where_the_lead_is_largest(tmp_path
 
 @pytest.mark.slow
 def test_sd3_miniature_runs_from_the_race_weights_to_the_claims_table(tmp_path):
-    for package in ("diffusers", "denoising_diffusion_pytorch"):
-        pytest.importorskip(package)
-    if not any(FASHION.glob("train-images-idx3-ubyte*")):
-        pytest.skip(f"no Fashion-MNIST idx files in {FASHION}")
+    require_race_inputs()
     tiny = ["--real-count", "256", "--classifier-samples", "512", "--base-channels", "8",
             "--data-root", str(FASHION)]
     race = _load(REPO / "experiments" / "benchmarks" / "time_to_quality.py", "time_to_quality")

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import FASHION, require_race_inputs
 import torch
 
 from diffsweep.denoiser import Denoiser
@@ -16,7 +18,6 @@ from diffsweep.samplers import Sampler
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "benchmarks" / "time_to_quality.py"
-FASHION = REPO.parent / "shared" / "data" / "fashion-mnist"
 
 
 def _script():
@@ -70,10 +71,7 @@ def test_lucidrains_ddim_is_our_ddim_trailing_with_clipping():
 @pytest.mark.slow
 def test_the_race_runs_at_a_tiny_budget_and_writes_its_results(tmp_path):
     """Five recipes x ~3 s of training, FID on 16 samples: every curve, the headline, the plot."""
-    for package in ("diffusers", "denoising_diffusion_pytorch"):
-        pytest.importorskip(package)
-    if not any(FASHION.glob("train-images-idx3-ubyte*")):
-        pytest.skip(f"no Fashion-MNIST idx files in {FASHION}")
+    require_race_inputs()
     ttq = _script()
     results = ttq.main(["--minutes", "0.05", "--eval-every", "0.05", "--samples", "16",
                         "--real-count", "256", "--classifier-samples", "512",
@@ -101,3 +99,11 @@ def test_the_race_runs_at_a_tiny_budget_and_writes_its_results(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["summary"] == results["summary"]
     assert "Headline" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "fid_vs_minutes.png").stat().st_size > 1000
+    # --reuse reports the saved curves without racing again
+    again = ttq.main(["--minutes", "0.05", "--eval-every", "0.05", "--samples", "16",
+                      "--real-count", "256", "--classifier-samples", "512",
+                      "--base-channels", "8", "--batch", "8", "--data-root", str(FASHION),
+                      "--out", str(tmp_path), "--recipes", "default,diffusers", "--reuse"])
+    for name in ("default", "diffusers"):
+        assert again["recipes"][name]["fid"] == results["recipes"][name]["fid"]
+        assert again["recipes"][name]["steps"] == results["recipes"][name]["steps"]

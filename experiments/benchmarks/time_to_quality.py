@@ -1,12 +1,13 @@
-"""Time to quality: classifier-FID against training wall-clock, four recipes one after the other.
+"""Time to quality: classifier-FID against training wall-clock, five recipes one after the other.
 
 On Fashion-MNIST 32x32 (28x28 zero-padded), every recipe trains for the same wall-clock budget
 (``--minutes``) on the same machine, at the same batch and matched net size (parameters within
 10 %), reading the same shuffled batches:
 
-- ``default``: diffsweep's default recipe (``configs/train.yaml``: eps-prediction, uniform MSE,
-  DDPM linear schedule, AdamW lr 1e-3 with 100 warmup steps, EMA max 0.999 power 2/3, clip 1, fp32),
-  the ``unet_tiny`` layout at ``--base-channels``;
+- ``default``: diffsweep's default recipe (``configs/train.yaml``: DDPM linear schedule,
+  v-prediction (EDM's F-target) with uniform MSE on it, AdamW lr 1e-3 with 100 warmup steps, EMA
+  max 0.999 power 2/3, clip 1, precision auto = bf16 autocast on CPUs with AVX-512 BF16), the
+  ``unet_tiny`` layout at ``--base-channels``;
 - ``diffusers``: diffusers' ``examples/unconditional_image_generation/train_unconditional.py`` with
   its defaults: ``UNet2DModel`` (built to our UNet's layout, so parameters match exactly),
   ``DDPMScheduler(1000, linear)``, eps MSE, AdamW lr 1e-4 betas (0.95, 0.999) wd 1e-6, cosine LR
@@ -20,7 +21,13 @@ On Fashion-MNIST 32x32 (28x28 zero-padded), every recipe trains for the same wal
   the recipe alone, at equal FLOPs) or its own ``Unet`` at the ``dim`` (and head size) within 10 %
   of our parameter count (``--lucidrains-net unet``: at 0.3M parameters it trains 3.5x and
   samples 8x slower than ours on a CPU: full-resolution linear attention, 7x7 stem);
-- ``best``: diffsweep with ``--best-overrides`` (default: ``experiment=edm`` in bf16-mixed).
+- ``best``: diffsweep with ``--best-overrides`` (default: ``experiment=edm``, precision auto);
+- ``rectified_flow``: ``experiment=rectified_flow`` (SD3's recipe: velocity, logit-normal(0, 1) t,
+  Euler 50 on the uniform-t grid);
+- not raced by default (``--recipes``): ``rf_uniform`` (rectified flow with uniform t) and
+  ``ddpm`` (``experiment=ddpm``: eps-MSE in fp32, the default before this race), the controls of
+  SD3's Table 1 (``experiments/paper_claims/sd3_run.py`` samples the saved EMA weights,
+  ``<out>/<recipe>/ema_denoiser.pt``, at other step counts).
 
 Scoring (evaluation time excluded from the budget): classifier-FID
 (:class:`diffsweep.metrics.evaluator.FIDEvaluator` with the ``fid_classifier`` extractor; NOT
@@ -34,14 +41,14 @@ loops: ``ddpm`` leading + ``clip_sample`` for diffusers, ``ddim`` trailing + ``c
 reach the best peer's final DDIM-50 FID, interpolated linearly between evaluations) and writes
 ``results.json``, ``results.md`` and ``fid_vs_minutes.png`` to ``--out``.
 
-    python experiments/benchmarks/time_to_quality.py                       # ~70 min, idle 2 cores
+    python experiments/benchmarks/time_to_quality.py                       # <= 75 min, idle 2 cores
     python experiments/benchmarks/time_to_quality.py --minutes 2 --eval-every 1 --samples 500
     python experiments/benchmarks/time_to_quality.py --minutes 0.05 --samples 16 --real-count 256 \\
         --classifier-samples 512 --base-channels 8 --batch 8                 # smoke test, ~1 min
 
-Default budget: 4 x 9 min of training plus 11 evaluations of 2000 samples x 50 NFE (bf16
+Default budget: 5 x 6 min of training plus 14 evaluations of 2000 samples x ~50 NFE (bf16
 sampling, 400-700 img-NFE/s: ~2.5-4 min each on an idle 2-core EPYC) plus ~2 min of set-up
-(classifier, real statistics) ~ 70 min. Recipes run one after the other, so on a shared machine
+(classifier, real statistics) ~ 70-75 min. Recipes run one after the other, so on a shared machine
 load changes between them: ``--clock cpu`` budgets process CPU time instead of wall time (with
 ``--threads 1``, the default, it excludes time-slicing by other jobs); both clocks are recorded.
 """
@@ -50,6 +57,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import json
 import logging
 import math
 import os
@@ -566,12 +575,14 @@ def minutes_to_reach(minutes: list[float], fids: list[float | None], target: flo
 
 
 def report(recipes: list[Recipe], curves: dict[str, Curve], args: argparse.Namespace,
-           machine: str) -> tuple[str, dict[str, Any]]:
+           machine: str, floor: float | None = None) -> tuple[str, dict[str, Any]]:
     ddim = DDIM_PAIR["name"]
     lines = [f"# Time to quality ({machine})", "",
              f"Fashion-MNIST 32x32, batch {args.batch}, {args.minutes:g} min per recipe, "
              f"classifier-FID on {args.samples} samples ({args.sample_precision} sampling), "
-             f"{args.threads} thread(s), budget on the {args.clock} clock.", "",
+             f"{args.threads} thread(s), budget on the {args.clock} clock."
+             + (f" FID floor (held-out real images, same count): {floor:.2f}."
+                if floor is not None else ""), "",
              "| recipe | params | steps | img/s | final loss | DDIM-50 FID | own sampler "
              "| own FID |",
              "|---|---|---|---|---|---|---|---|"]
@@ -602,7 +613,9 @@ def report(recipes: list[Recipe], curves: dict[str, Curve], args: argparse.Names
             curve = curves[recipe.name]
             reached = minutes_to_reach(curve.minutes, curve.fid[ddim], target)
             ratio = "" if reached is None else f" ({reached / peer_minutes:.2f}x the peer's time)"
-            text = "not reached" if reached is None else f"{reached:.1f} min{ratio}"
+            first = next((f for f in curve.fid[ddim] if f is not None), None)
+            bound = "<= " if reached is not None and first is not None and first <= target else ""
+            text = "not reached" if reached is None else f"{bound}{reached:.1f} min{ratio}"
             lines.append(f"- {recipe.name}: {text}; final {curve.fid[ddim][-1]:.2f}")
             summary[recipe.name] = reached
         summary = {"best_peer": best_peer.name, "target_fid": target, "minutes": summary}
@@ -726,6 +739,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--download", action="store_true",
                         help="download Fashion-MNIST with torchvision when the files are missing")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--reuse", action="store_true",
+                        help="take the curve of a recipe that has <out>/<recipe>/curve.json from "
+                             "there instead of racing it again (an interrupted race continues; "
+                             "recipes raced in separate processes are reported together)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data order, init and noise")
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "time_to_quality",
                         help="output folder (results.json, results.md, fid_vs_minutes.png)")
@@ -778,6 +795,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from diffsweep.files import atomic_write_json, atomic_write_text
 
     datamodule, evaluator = build_evaluation(args)
+    floor = evaluator.real_floor(datamodule, "val", args.samples)
     images = datamodule.dataset("train", augment=False).images
     recipes = build_recipes(args, len(images))
     machine = machine_string(args.threads)
@@ -788,14 +806,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  {recipe.name:10s} {recipe.parameters:9d} params  {recipe.notes}")
     curves: dict[str, Curve] = {}
     for recipe in recipes:
+        saved = args.out / recipe.name / "curve.json"
+        if args.reuse and saved.is_file():
+            curves[recipe.name] = Curve(**json.loads(saved.read_text())["curve"])
+            print(f"{recipe.name}: reusing {saved}", flush=True)
+            continue
         print(f"{recipe.name}: training", flush=True)
         curves[recipe.name] = race(recipe, BatchStream(images, args.batch, args.seed), evaluator,
                                    datamodule, args)
+        atomic_write_json(saved, {"curve": dataclasses.asdict(curves[recipe.name]),
+                                  "machine": machine, "notes": recipe.notes})
         save_ema_weights(recipe, args.out / recipe.name / "ema_denoiser.pt")
-    text, summary = report(recipes, curves, args, machine)
+    text, summary = report(recipes, curves, args, machine, floor)
     print("\n" + text)
     results = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-               "machine": machine, "summary": summary,
+               "machine": machine, "summary": summary, "fid_floor": floor,
                "recipes": {r.name: {"label": r.label, "parameters": r.parameters,
                                     "notes": r.notes, "own_sampler": r.own_pair,
                                     "minutes": curves[r.name].minutes,

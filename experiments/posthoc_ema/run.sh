@@ -33,8 +33,8 @@ for job in "$SWEEP"/*/; do
   python evaluate.py "${common[@]}" -m sampler=dpmpp_2m sampler.spacing=karras sampler.num_steps=20 "seed=$SEEDS"
   python evaluate.py "${common[@]}" -m sampler=dpmpp_2m sampler.spacing=karras sampler.num_steps=20 "seed=$SEEDS" "ema.sigma_rel=$SIGMA_RELS"
   # A second sampler, one seed: does the best length depend on the sampler?
-  python evaluate.py "${common[@]}" -m sampler=ddim sampler.num_steps=50
-  python evaluate.py "${common[@]}" -m sampler=ddim sampler.num_steps=50 "ema.sigma_rel=$SIGMA_RELS"
+  python evaluate.py "${common[@]}" -m sampler=ddim sampler.num_steps=25
+  python evaluate.py "${common[@]}" -m sampler=ddim sampler.num_steps=25 "ema.sigma_rel=$SIGMA_RELS"
 done
 cp "$RESULTS" $HERE/results.csv
 python $HERE/analyze.py $HERE/results.csv --out-dir $HERE

@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--budgets", default="",
                         help="comma-separated NFE columns (default: every NFE seen)")
     parser.add_argument("--out-dir", default=str(here), help="where results.md and the PNG go")
-    parser.add_argument("--title", default="VP (linear, cosine) vs VE: classifier-FID vs NFE")
+    parser.add_argument("--title", default="VP (linear, cosine) vs VE vs EDM vs flow: classifier-FID vs NFE")
     args = parser.parse_args(argv)
 
     rows = load_rows(args.results)

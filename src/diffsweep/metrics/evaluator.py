@@ -325,6 +325,22 @@ class FIDEvaluator:
         self._pending_nfe = {name: int(sampler.nfe_on(denoiser.schedule))
                              for name, sampler in resolved}
 
+    def real_floor(self, datamodule: Any, split: str = "val", num_samples: int | None = None,
+                   device: torch.device | str = "cpu") -> float:
+        """FID of ``num_samples`` (default :attr:`num_samples`) real images of ``split`` against
+        the reference statistics: what a perfect generator scores at this sample count (FID's
+        finite-sample floor; held-out images, so it also holds the split's own difference)."""
+        self.prepare(datamodule, device)
+        count = int(num_samples or self.num_samples)
+        metric = FrechetDistance(self._real.num_features, self._real).to(device)
+        seen = 0
+        for images in datamodule.real_images(split, max_count=count, batch_size=self.batch_size):
+            metric.update(extract_features(self._extractor, images, self.batch_size, device))
+            seen += images.shape[0]
+        if seen < 2:
+            raise ValueError(f"real_floor: split {split!r} has {seen} images; need >= 2.")
+        return float(metric.compute())
+
     def compute(self) -> dict[str, float | int]:
         """``{"fid/<name>": float, "nfe/<name>": int}`` (and the KID, precision/recall keys, see
         the module docstring) for the pairs of the last :meth:`update`. Under DDP every rank must

@@ -692,7 +692,8 @@ def build_recipes(args: argparse.Namespace, images: int) -> list[Recipe]:
             own = None
             if any(o == "experiment=edm" for o in overrides):
                 own = {"name": "own_heun_25", "sampler": "heun", "num_steps": 25}  # 49 NFE
-            recipes.append(DiffsweepRecipe.build("best", "diffsweep best", overrides, args, own))
+            label = f"diffsweep --best-overrides {args.best_overrides}"
+            recipes.append(DiffsweepRecipe.build("best", label, overrides, args, own))
         else:
             overrides, label = EXTRA_DIFFSWEEP[name]
             recipes.append(DiffsweepRecipe.build(name, label, overrides, args))

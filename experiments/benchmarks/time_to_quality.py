@@ -629,7 +629,7 @@ def _describe(pair: dict[str, Any]) -> str:
 
 
 def plot(recipes: list[Recipe], curves: dict[str, Curve], target: float | None,
-         path: Path) -> None:
+         path: Path, clock: str = "wall") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -651,7 +651,8 @@ def plot(recipes: list[Recipe], curves: dict[str, Curve], target: float | None,
     if target is not None:
         axis.axhline(target, color="gray", linestyle="--", linewidth=0.8,
                      label="best peer's final FID")
-    axis.set_xlabel("training wall-clock (min, evaluation excluded)")
+    axis.set_xlabel(f"training minutes ({'process CPU time' if clock == 'cpu' else 'wall clock'}, "
+                    "evaluation excluded)")
     axis.set_ylabel("classifier-FID")
     axis.set_yscale("log")
     axis.legend(fontsize=7)
@@ -833,7 +834,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            for r in recipes}}
     atomic_write_json(args.out / "results.json", results)
     atomic_write_text(args.out / "results.md", text)
-    plot(recipes, curves, summary.get("target_fid"), args.out / "fid_vs_minutes.png")
+    plot(recipes, curves, summary.get("target_fid"), args.out / "fid_vs_minutes.png", args.clock)
     print(f"wrote {args.out}/results.json, results.md, fid_vs_minutes.png")
     return results
 

@@ -184,8 +184,7 @@ class FIDEvaluator:
         self._real: GaussianStats | None = None
         self._metrics: dict[str, FrechetDistance] = {}
         self._banks: dict[str, FeatureBank] = {}
-        self._pending: list[Pair] = []
-        self._pending_nfe: dict[str, int] = {}  # net evaluations per sample of each pending pair
+        self._pending: dict[str, int] = {}  # pair name -> net evaluations per sample, of the last update
 
     # ------------------------------------------------------------------ preparation
     @property
@@ -321,9 +320,7 @@ class FIDEvaluator:
                 metric.update(features)
                 if bank is not None:
                     bank.update(features)
-        self._pending = resolved
-        self._pending_nfe = {name: int(sampler.nfe_on(denoiser.schedule))
-                             for name, sampler in resolved}
+        self._pending = {name: int(sampler.nfe_on(denoiser.schedule)) for name, sampler in resolved}
 
     def real_floor(self, datamodule: Any, split: str = "val", num_samples: int | None = None,
                    device: torch.device | str = "cpu") -> float:
@@ -348,16 +345,16 @@ class FIDEvaluator:
         if not self._pending:
             raise RuntimeError("FIDEvaluator.compute before update: nothing was sampled.")
         results: dict[str, float | int] = {}
-        for name, sampler in self._pending:
+        for name, nfe in self._pending.items():
             metric = self._metrics[name]
             results[f"fid/{name}"] = float(metric.compute())
-            results[f"nfe/{name}"] = self._pending_nfe.get(name, int(sampler.nfe))
+            results[f"nfe/{name}"] = nfe
             metric.reset()
             if self.needs_features:
                 bank = self._banks[name]
                 results.update(self._fidelity(name, bank.compute()))
                 bank.reset()
-        self._pending = []
+        self._pending = {}
         return results
 
     def _fidelity(self, name: str, fake: Tensor) -> dict[str, float]:

@@ -529,3 +529,8 @@ def test_analyze_tables_and_plots_fid_against_sigma_rel(tmp_path):
     best = analyze.best_sigma_rel(analyze.group(analyze.load_rows([path])))
     assert best[("linear", "dpmpp_2m (karras)", 20)][0] == 0.08
     assert best[("cosine", "dpmpp_2m (karras)", 20)][0] == 0.08
+    # paired by seed: profile - default of the same seed; the seed offset (+seed) cancels
+    deltas = analyze.paired_deltas(analyze.load_rows([path]))
+    assert deltas[("linear", "dpmpp_2m (karras)", 20)][0.08] == pytest.approx([-10.0, -10.0])
+    assert deltas[("cosine", "dpmpp_2m (karras)", 20)][0.2] == pytest.approx([-10.0 + 14.4] * 2)
+    assert "| linear | dpmpp_2m (karras) | 20 | -7.50 ± 0.00 (n=2) |" in text  # sigma_rel 0.03

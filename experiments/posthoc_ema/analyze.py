@@ -56,6 +56,40 @@ def group(rows: Sequence[dict[str, str]]) -> dict[Key, dict[float | str, list[fl
                                                                          kv[0][1:]))}
 
 
+def paired_deltas(rows: Sequence[dict[str, str]]) -> dict[Key, dict[float, list[float]]]:
+    """``{key: {sigma_rel: [FID(profile) - FID(default EMA) per noise seed both have]}}``."""
+    by_seed: dict[Key, dict[float | str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        sampler = r["sampler"] + (f" ({r['spacing']})" if r.get("spacing") else "")
+        key = (r.get("train_scheduler") or "?", sampler, int(float(r["nfe"])))
+        sigma_rel = float(r["sigma_rel"]) if r.get("sigma_rel") else DEFAULT
+        by_seed[key][sigma_rel][r.get("seed", "")] = float(r["fid"])
+    out: dict[Key, dict[float, list[float]]] = {}
+    for key, cells in by_seed.items():
+        default = cells.get(DEFAULT, {})
+        deltas = {s: [fids[seed] - default[seed] for seed in sorted(fids) if seed in default]
+                  for s, fids in cells.items() if s != DEFAULT}
+        deltas = {s: d for s, d in deltas.items() if d}
+        if deltas:
+            out[key] = dict(sorted(deltas.items()))
+    return {k: out[k] for k in sorted(out, key=lambda k: (_schedule_rank(k[0]), k[1:]))}
+
+
+def paired_table(deltas: dict[Key, dict[float, list[float]]]) -> str:
+    """Rows: schedule x sampler x NFE; columns: mean ± sd (n) of the per-seed differences."""
+    sigma_rels = sorted({s for cells in deltas.values() for s in cells})
+    lines = ["| schedule | sampler | NFE | " + " | ".join(f"σ_rel {s:g}" for s in sigma_rels)
+             + " |", "|---|---|---:|" + "---:|" * len(sigma_rels)]
+    for (schedule, sampler, nfe), cells in deltas.items():
+        row = []
+        for s in sigma_rels:
+            values = cells.get(s)
+            row.append("–" if not values else f"{statistics.fmean(values):+.2f}" + (
+                f" ± {statistics.stdev(values):.2f} (n={len(values)})" if len(values) > 1 else ""))
+        lines.append(f"| {schedule} | {sampler} | {nfe} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _sigma_rels(groups: dict[Key, dict[float | str, list[float]]]) -> list[float]:
     return sorted({s for cells in groups.values() for s in cells if s != DEFAULT})
 
@@ -188,7 +222,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             "Lower is better. `default EMA` is the checkpoint's own warmup EMA "
             "(callbacks.ema); σ_rel columns are post-hoc EMA profiles reconstructed from the "
             "same run's snapshots. Cells with several noise seeds show mean ± sd.\n\n"
-            + markdown_table(groups) + f"\n![FID vs sigma_rel]({png.name})\n")
+            + markdown_table(groups))
+    deltas = paired_deltas(rows)
+    if deltas:
+        text += ("\nPaired by noise seed: FID(profile) − FID(default EMA) for the same seed, "
+                 "mean ± sd over seeds (negative = the profile is better). The pairing removes "
+                 "the sample noise the two cells share.\n\n" + paired_table(deltas))
+    text += f"\n![FID vs sigma_rel]({png.name})\n"
     (out / "results.md").write_text(text)
     print(text)
 

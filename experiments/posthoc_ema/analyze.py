@@ -44,12 +44,17 @@ def _schedule_rank(name: str) -> tuple[int, str]:
     return (SCHEDULE_ORDER.index(name) if name in SCHEDULE_ORDER else len(SCHEDULE_ORDER), name)
 
 
+def _key(row: dict[str, str]) -> Key:
+    """``(schedule, "sampler (spacing)", nfe)`` of one results row."""
+    sampler = row["sampler"] + (f" ({row['spacing']})" if row.get("spacing") else "")
+    return (row.get("train_scheduler") or "?", sampler, int(float(row["nfe"])))
+
+
 def group(rows: Sequence[dict[str, str]]) -> dict[Key, dict[float | str, list[float]]]:
     """``{(schedule, sampler (spacing), nfe): {sigma_rel | "default EMA": [fid per seed]}}``."""
     out: dict[Key, dict[float | str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        sampler = r["sampler"] + (f" ({r['spacing']})" if r.get("spacing") else "")
-        key = (r.get("train_scheduler") or "?", sampler, int(float(r["nfe"])))
+        key = _key(r)
         sigma_rel = r.get("sigma_rel") or ""
         out[key][float(sigma_rel) if sigma_rel else DEFAULT].append(float(r["fid"]))
     return {k: dict(v) for k, v in sorted(out.items(), key=lambda kv: (_schedule_rank(kv[0][0]),
@@ -60,8 +65,7 @@ def paired_deltas(rows: Sequence[dict[str, str]]) -> dict[Key, dict[float, list[
     """``{key: {sigma_rel: [FID(profile) - FID(default EMA) per noise seed both have]}}``."""
     by_seed: dict[Key, dict[float | str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
     for r in rows:
-        sampler = r["sampler"] + (f" ({r['spacing']})" if r.get("spacing") else "")
-        key = (r.get("train_scheduler") or "?", sampler, int(float(r["nfe"])))
+        key = _key(r)
         sigma_rel = float(r["sigma_rel"]) if r.get("sigma_rel") else DEFAULT
         by_seed[key][sigma_rel][r.get("seed", "")] = float(r["fid"])
     out: dict[Key, dict[float, list[float]]] = {}

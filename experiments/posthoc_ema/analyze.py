@@ -50,6 +50,11 @@ def _key(row: dict[str, str]) -> Key:
     return (row.get("train_scheduler") or "?", sampler, int(float(row["nfe"])))
 
 
+def _key_order(key: Key) -> tuple:
+    """Table order: schedules as in SCHEDULE_ORDER, then sampler, then NFE."""
+    return (_schedule_rank(key[0]), key[1:])
+
+
 def group(rows: Sequence[dict[str, str]]) -> dict[Key, dict[float | str, list[float]]]:
     """``{(schedule, sampler (spacing), nfe): {sigma_rel | "default EMA": [fid per seed]}}``."""
     out: dict[Key, dict[float | str, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -57,8 +62,7 @@ def group(rows: Sequence[dict[str, str]]) -> dict[Key, dict[float | str, list[fl
         key = _key(r)
         sigma_rel = r.get("sigma_rel") or ""
         out[key][float(sigma_rel) if sigma_rel else DEFAULT].append(float(r["fid"]))
-    return {k: dict(v) for k, v in sorted(out.items(), key=lambda kv: (_schedule_rank(kv[0][0]),
-                                                                         kv[0][1:]))}
+    return {k: dict(out[k]) for k in sorted(out, key=_key_order)}
 
 
 def paired_deltas(rows: Sequence[dict[str, str]]) -> dict[Key, dict[float, list[float]]]:
@@ -76,7 +80,7 @@ def paired_deltas(rows: Sequence[dict[str, str]]) -> dict[Key, dict[float, list[
         deltas = {s: d for s, d in deltas.items() if d}
         if deltas:
             out[key] = dict(sorted(deltas.items()))
-    return {k: out[k] for k in sorted(out, key=lambda k: (_schedule_rank(k[0]), k[1:]))}
+    return {k: out[k] for k in sorted(out, key=_key_order)}
 
 
 def paired_table(deltas: dict[Key, dict[float, list[float]]]) -> str:
@@ -85,11 +89,7 @@ def paired_table(deltas: dict[Key, dict[float, list[float]]]) -> str:
     lines = ["| schedule | sampler | NFE | " + " | ".join(f"σ_rel {s:g}" for s in sigma_rels)
              + " |", "|---|---|---:|" + "---:|" * len(sigma_rels)]
     for (schedule, sampler, nfe), cells in deltas.items():
-        row = []
-        for s in sigma_rels:
-            values = cells.get(s)
-            row.append("–" if not values else f"{statistics.fmean(values):+.2f}" + (
-                f" ± {statistics.stdev(values):.2f} (n={len(values)})" if len(values) > 1 else ""))
+        row = [_cell(cells.get(s), signed=True) for s in sigma_rels]
         lines.append(f"| {schedule} | {sampler} | {nfe} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -98,13 +98,14 @@ def _sigma_rels(groups: dict[Key, dict[float | str, list[float]]]) -> list[float
     return sorted({s for cells in groups.values() for s in cells if s != DEFAULT})
 
 
-def _cell(values: list[float] | None) -> str:
+def _cell(values: list[float] | None, signed: bool = False) -> str:
+    """``mean ± sd (n=...)`` of a cell's values (the mean alone for one value, – for none)."""
     if not values:
         return "–"
-    mean = statistics.fmean(values)
+    mean = f"{statistics.fmean(values):{'+' if signed else ''}.2f}"
     if len(values) == 1:
-        return f"{mean:.2f}"
-    return f"{mean:.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
+        return mean
+    return f"{mean} ± {statistics.stdev(values):.2f} (n={len(values)})"
 
 
 def _sd(values: list[float]) -> float:

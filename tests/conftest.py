@@ -37,6 +37,9 @@ FAST = [
 
 def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:
     """Compose ``configs/<config_name>.yaml`` as Hydra would, with the run dir at ``output_dir``."""
+    from diffsweep.hydra_utils import register_resolvers
+
+    register_resolvers()  # as train.py / evaluate.py have them: a test run alone needs them too
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose(config_name=config_name, return_hydra_config=True,

@@ -73,16 +73,47 @@ def test_vp_vs_ve_analyze_writes_table_and_png(tmp_path):
     assert "NOT comparable" in md
 
 
-def test_step_count_analyze_reports_seed_noise(tmp_path):
+def test_step_count_analyze_keeps_one_schedule_and_the_plain_cells(tmp_path):
     analyze = _load("step_count")
-    results = _synthetic(tmp_path / "results.csv")
-    noise = analyze.seed_noise(analyze.load_rows([results]))
-    assert noise == [("linear / euler (karras)", 20, [5.0, 6.0, 4.0])]
-    analyze.main([str(results), "--out-dir", str(tmp_path)])
+    rows = [_row("linear", "ddim", steps, steps, 40.0 / steps, spacing="leading", seed=seed)
+            for steps in (5, 50) for seed in (0, 1, 2)]
+    rows = [dict(row, options="eta=0.0", fid=row["fid"] + 0.1 * row["seed"]) for row in rows]
+    rows += [dict(_row("linear", "ddim", 10, 10, 99.0, spacing="leading"), options="eta=1.0"),
+             _row("ve", "heun", 3, 5, 1.0), _row("linear", "euler", 5, 5, 1.0)]
+    results = _write_results(tmp_path / "shared.csv", [dict(r, options=r.get("options", ""))
+                                                       for r in rows])
+    analyze.main([str(results), "--schedule", "linear", "--out-dir", str(tmp_path)])
+    kept = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert len(kept) == 6 and {r["sampler"] for r in kept} == {"ddim"}   # no eta 1, ve, euler
     md = (tmp_path / "results.md").read_text()
-    assert "| linear / euler (karras) | 20 | 3 | 5.00, 6.00, 4.00 | 5.00 | 1.00 |" in md
-    assert "| NFE 5 | NFE 9 | NFE 10 | NFE 19 | NFE 20 |" in md   # default: every NFE seen
+    assert "| linear | ddim | leading | 8.10 ± 0.10 (n=3) | 0.90 ± 0.10 (n=3) |" in md
+    assert "| linear | ddim | leading | 5 | 8.10 ± 0.10 (n=3) | 50 | 0.90 ± 0.10 (n=3) | falls |" in md
     assert (tmp_path / "fid_vs_nfe.png").stat().st_size > 1000
+    with pytest.raises(SystemExit, match="No rows of a 'cosine' model"):
+        analyze.main([str(results), "--schedule", "cosine", "--out-dir", str(tmp_path)])
+
+
+def test_trend_needs_a_gap_beyond_the_seed_noise():
+    analyze = _load("vp_vs_ve")
+    assert analyze.trend([10.0, 11.0, 9.0], [5.0, 5.5, 4.5]) == "falls"
+    assert analyze.trend([10.0, 11.0, 9.0], [9.0, 10.0, 8.0]) == "within noise"
+    assert analyze.trend([5.0, 5.2, 4.8], [10.0, 10.2, 9.8]) == "rises"
+
+
+def test_select_matches_sampler_spacing_and_options_and_rejects_bad_items():
+    analyze = _load("vp_vs_ve")
+    assert analyze.parse_cells("ddim:leading:eta=0.0, heun:karras") == [
+        ("ddim", "leading", "eta=0.0"), ("heun", "karras", None)]
+    with pytest.raises(ValueError, match="'ddim' is not sampler:spacing"):
+        analyze.parse_cells("ddim")
+    rows = [{"sampler": "ddim", "spacing": "leading", "options": "eta=0.0"},
+            {"sampler": "ddim", "spacing": "leading", "options": "eta=0.5"},
+            {"sampler": "ddim", "spacing": "trailing", "options": "eta=0.0"},
+            {"sampler": "heun", "spacing": "karras", "options": "s_churn=0.0"},
+            {"sampler": "heun", "spacing": "karras", "options": "", "sigma_rel": "0.1"},
+            {"sampler": "heun", "spacing": "karras", "options": "", "weights": "raw"}]
+    kept = analyze.select(rows, analyze.parse_cells("ddim:leading:eta=0.0,heun:karras"))
+    assert kept == rows[:1] + rows[3:4]
 
 
 def test_analyze_missing_file_names_what_to_do(tmp_path):

@@ -80,3 +80,48 @@ def test_sd3_miniature_runs_from_the_race_weights_to_the_claims_table(tmp_path):
     text = (tmp_path / "results.md").read_text()
     assert "rf/lognorm(0.00, 1.00) beats rf/uniform at 2 steps" in text
     assert (tmp_path / "sd3_fid_vs_nfe.png").stat().st_size > 1000
+
+
+def _eval_rows(schedule, sampler, spacing, fids_by_nfe, options=""):
+    return [{"train_scheduler": schedule, "sampler": sampler, "spacing": spacing, "nfe": str(nfe),
+             "options": options, "fid": str(fid), "seed": str(seed), "fid_samples": "2000"}
+            for nfe, fids in fids_by_nfe.items() for seed, fid in enumerate(fids)]
+
+
+def test_the_fashion_claims_read_their_cells_from_the_shared_results(tmp_path):
+    analyze = _load(CLAIMS / "analyze.py", "paper_claims_analyze")
+    rows = (_eval_rows("linear", "ddim", "leading", {10: [5, 5.1, 4.9], 20: [3, 3.1, 2.9]},
+                       "eta=0.0")
+            + _eval_rows("linear", "ddim", "leading", {10: [9, 9.1, 8.9], 20: [2, 2.1, 1.9]},
+                         "eta=1.0")
+            + _eval_rows("linear", "heun", "karras", {9: [4, 4.1, 3.9], 19: [1, 1.1, 0.9]},
+                         "s_churn=0.0")
+            + _eval_rows("cosine", "ddim", "leading", {10: [4, 4.1, 3.9]}, "eta=0.0")
+            + _eval_rows("linear", "ddim", "trailing", {10: [4.5, 4.6, 4.4]}, "eta=0.0"))
+    ddim = "\n".join(analyze.ddim_section(rows))
+    assert "| eta 1.0 | 9.00 ± 0.10 (n=3) | 2.00 ± 0.10 (n=3) | – |" in ddim
+    assert "eta 0 beats every eta > 0 at S = 10 (best rival: eta 1.0) | eta 0: 13.36 at S = 10 " \
+           "| 5.00 vs 9.00 | yes |" in ddim
+    assert "at S = 20 (best rival: eta 1.0) | eta 1: 18.36 at S = 20 | 3.00 vs 2.00 | no |" in ddim
+    assert "at S = 50 | – | not run | – |" in ddim
+    edm = "\n".join(analyze.edm_section(rows, ["linear"]))
+    assert "Heun-karras at NFE 9 beats Euler-VP at NFE 10 | – | 4.00 vs 5.00 | yes |" in edm
+    assert "Euler's FID at NFE 20 (3.00) first reached by Heun at NFE 19: 1.1x fewer | yes |" in edm
+    iddpm = "\n".join(analyze.iddpm_section(rows))
+    assert "| cosine beats linear at NFE 10 |" in iddpm and "4.00 vs 5.00 | yes |" in iddpm
+    lin = "\n".join(analyze.lin_section(rows, _eval_rows("linear", "ddim", "trailing",
+                                                         {10: [4, 4.1, 3.9]}, "eta=0.0")))
+    assert "trailing beats leading at NFE 10 | qualitative (Sec. 3.3) | 4.50 vs 5.00 | yes |" in lin
+    assert "(both trailing) at NFE 10 | qualitative (Sec. 3.1, Fig. 3) | 4.00 vs 4.50 | yes |" in lin
+    from diffsweep.results import write_rows
+
+    write_rows(tmp_path / "shared.csv", rows)
+    analyze.main(["--sd3", str(tmp_path / "none.csv"), "--results", str(tmp_path / "shared.csv"),
+                  "--out-dir", str(tmp_path)])
+    kept = (tmp_path / "fmnist_results.csv").read_text()
+    assert kept.count("\n") == 1 + len(rows)
+    again = tmp_path / "again"
+    again.mkdir()
+    analyze.main(["--sd3", str(tmp_path / "none.csv"), "--results",
+                  str(tmp_path / "fmnist_results.csv"), "--out-dir", str(again)])
+    assert (again / "results.md").read_text() == (tmp_path / "results.md").read_text()

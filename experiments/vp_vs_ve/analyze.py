@@ -7,7 +7,11 @@ Table: one row per (training schedule, sampler, spacing), one column per NFE bud
 FID of the run with the largest NFE within the budget (and above the previous budget), with the
 actual NFE in brackets when it differs (heun spends 2n - 1 evaluations, so 9 sits in the 10 column).
 Rows repeated with different noise seeds are averaged (the number of seeds is then given as ``n=``).
-Plot: one panel per schedule, one line per sampler, log-x NFE, log-y FID.
+Plot: one panel per schedule, one line per sampler, log-x NFE, log-y FID, error bars = sd over seeds.
+Trend: per (schedule, sampler, spacing), FID at its fewest NFE against FID at its most, with a verdict
+(falls / within noise / rises: the gap against the two cells' summed sd).
+``--select sampler:spacing,...`` keeps only those cells (plain ones: no sampler options, the
+checkpoint's EMA), and the rows used are written to ``<out-dir>/results.csv``.
 """
 
 from __future__ import annotations
@@ -54,11 +58,66 @@ def group(rows: Sequence[dict[str, str]]) -> dict[Key, dict[int, list[float]]]:
                                                                          kv[0][1:]))}
 
 
+Cell = tuple[str, str, "str | None"]  # (sampler, spacing, options as the CSV writes them or None)
+
+
+def select(rows: Sequence[dict[str, str]], cells: Iterable[Cell]) -> list[dict[str, str]]:
+    """The rows of the given ``(sampler, spacing, options)`` cells (``options`` None: any) made
+    with the checkpoint's own EMA (no post-hoc profile): a study's part of a shared results file."""
+    wanted = list(cells)
+    return [r for r in rows if any(
+                (r["sampler"], r.get("spacing") or "") == (sampler, spacing)
+                and (options is None or (r.get("options") or "") == options)
+                for sampler, spacing, options in wanted)
+            and not r.get("sigma_rel") and r.get("weights", "ema") in ("", "ema")]
+
+
+def parse_cells(text: str) -> list[Cell]:
+    """``"ddim:leading:eta=0.0,heun:karras"`` -> ``[("ddim", "leading", "eta=0.0"),
+    ("heun", "karras", None)]`` (options as in the CSV's ``options`` column; omitted: any)."""
+    cells: list[Cell] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        sampler, _, rest = item.partition(":")
+        spacing, has_options, options = rest.partition(":")
+        if not sampler or not spacing:
+            raise ValueError(f"--select item {item!r} is not sampler:spacing[:options] "
+                             "(e.g. dpmpp_2m:karras,ddim:leading:eta=0.0)")
+        cells.append((sampler, spacing, options if has_options else None))
+    return cells
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample sd (0 for one value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
 def _cell(values: list[float]) -> str:
-    mean = statistics.fmean(values)
+    mean, sd = mean_sd(values)
     if len(values) == 1:
         return f"{mean:.2f}"
-    return f"{mean:.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
+    return f"{mean:.2f} ± {sd:.2f} (n={len(values)})"
+
+
+def trend(first: Sequence[float], last: Sequence[float]) -> str:
+    """``falls`` / ``within noise`` / ``rises``: FID from ``first`` (fewest NFE) to ``last``,
+    significant when the gap of the seed means exceeds the two cells' summed sd."""
+    (mean_f, sd_f), (mean_l, sd_l) = mean_sd(first), mean_sd(last)
+    if abs(mean_l - mean_f) <= sd_f + sd_l:
+        return "within noise"
+    return "falls" if mean_l < mean_f else "rises"
+
+
+def trend_table(rows: Sequence[dict[str, str]]) -> str:
+    """One line per (schedule, sampler, spacing): FID at its fewest and at its most NFE."""
+    lines = ["| schedule | sampler | spacing | fewest NFE | FID | most NFE | FID | FID from fewest "
+             "to most NFE |", "|---|---|---|---:|---:|---:|---:|---|"]
+    for (schedule, sampler, spacing), by_nfe in group(rows).items():
+        low, high = min(by_nfe), max(by_nfe)
+        if low == high:
+            continue
+        lines.append(f"| {schedule} | {sampler} | {spacing} | {low} | {_cell(by_nfe[low])} | "
+                     f"{high} | {_cell(by_nfe[high])} | {trend(by_nfe[low], by_nfe[high])} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown_table(rows: Sequence[dict[str, str]], budgets: Sequence[int] | None = None) -> str:
@@ -107,9 +166,10 @@ def plot(rows: Sequence[dict[str, str]], path: str | Path, title: str = "",
             if sched != schedule:
                 continue
             nfes = sorted(by_nfe)
-            means = [statistics.fmean(by_nfe[n]) for n in nfes]
-            ax.plot(nfes, means, marker="o", ms=3.5, color=colors[(sampler, spacing)],
-                    label=f"{sampler} ({spacing})")
+            stats = [mean_sd(by_nfe[n]) for n in nfes]
+            ax.errorbar(nfes, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o",
+                        ms=3.5, capsize=2.5, color=colors[(sampler, spacing)],
+                        label=f"{sampler} ({spacing})")
         if floor is not None:
             mean, std = floor
             ax.axhspan(max(mean - 2 * std, 1e-3), mean + 2 * std, color="grey", alpha=0.25,
@@ -126,7 +186,7 @@ def plot(rows: Sequence[dict[str, str]], path: str | Path, title: str = "",
         ax.set_xlabel("NFE (denoiser evaluations)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("classifier-FID (not Inception FID)")
+    axes[0][0].set_ylabel("classifier-FID, mean ± sd over seeds")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -154,17 +214,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--budgets", default="",
                         help="comma-separated NFE columns (default: every NFE seen)")
     parser.add_argument("--out-dir", default=str(here), help="where results.md and the PNG go")
-    parser.add_argument("--title", default="VP (linear, cosine) vs VE vs EDM vs flow: classifier-FID vs NFE")
+    parser.add_argument("--title", default="VP (linear, cosine) vs VE vs EDM: classifier-FID vs NFE")
+    parser.add_argument("--select", default="",
+                        help="sampler:spacing cells to keep, comma-separated (default: every row); "
+                             "the rows kept are written to <out-dir>/results.csv")
     args = parser.parse_args(argv)
 
     rows = load_rows(args.results)
-    budgets = [int(b) for b in args.budgets.split(",") if b] or None
+    cells = parse_cells(args.select)
     out = Path(args.out_dir)
+    if cells:
+        from diffsweep.results import write_rows
+
+        rows = select(rows, cells)
+        write_rows(out / "results.csv", rows)
+    budgets = [int(b) for b in args.budgets.split(",") if b] or None
     png = plot(rows, out / "fid_vs_nfe.png", title=args.title)
     text = (f"# {args.title}\n\nGenerated by `analyze.py` from "
             f"{', '.join(Path(p).name for p in args.results)}: {describe(rows)}\n\n"
-            "Classifier-FID (lower is better) is NOT comparable to published Inception FID.\n\n"
-            + markdown_table(rows, budgets) + f"\n![FID vs NFE]({png.name})\n")
+            "Classifier-FID (lower is better) is NOT comparable to published Inception FID. "
+            "Cells: mean ± sd over noise seeds (n = seeds).\n\n"
+            + markdown_table(rows, budgets)
+            + "\n## Does FID fall with NFE?\n\n"
+            "Significant when the gap of the seed means exceeds the two cells' summed sd.\n\n"
+            + trend_table(rows) + f"\n![FID vs NFE]({png.name})\n")
     (out / "results.md").write_text(text)
     print(text)
 

@@ -81,15 +81,20 @@ def append_row(path: str | Path, row: Mapping[str, Any],
                 rows = [existing for index, existing in enumerate(rows) if index not in same[1:]]
             else:
                 rows.append(new_row)
-        columns: list[str] = []
-        for existing in rows:
-            columns.extend(column for column in existing if column not in columns)
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(path, buffer.getvalue())
+        write_rows(path, rows)
     return True
 
 
-__all__ = ["EVAL_ROW_KEY", "append_row", "read_rows", "row_key"]
+def write_rows(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Replace the CSV at ``path`` with ``rows`` atomically (columns: the union of the rows',
+    in first-seen order). Callers that share the file hold its lock (:func:`append_row` does)."""
+    columns = list(dict.fromkeys(column for row in rows for column in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows({column: _cell(value) for column, value in row.items()} for row in rows)
+    atomic_write_text(path, buffer.getvalue())
+    return Path(path)
+
+
+__all__ = ["EVAL_ROW_KEY", "append_row", "read_rows", "row_key", "write_rows"]

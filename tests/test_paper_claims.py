@@ -35,6 +35,16 @@ def test_a_claim_holds_only_beyond_the_seed_noise():
     assert analyze.verdict([20.0, 20.1], [10.0, 10.1]) == "no"
 
 
+def test_a_seed_paired_claim_sees_through_the_shared_seed_noise():
+    analyze = _load(CLAIMS / "analyze.py", "paper_claims_analyze")
+    better, worse = {"0": 3.0, "1": 5.0, "2": 1.0}, {"0": 3.5, "1": 5.6, "2": 1.4}
+    assert analyze.verdict(list(better.values()), list(worse.values())) == "within noise"
+    assert analyze.paired_verdict(better, worse) == "yes"        # +0.5 ± 0.1 on every seed
+    assert analyze.paired_verdict(worse, better) == "no"
+    assert analyze.paired_verdict({"0": 3.0, "1": 5.0}, {"0": 3.5, "1": 4.9}) == "within noise"
+    assert analyze.paired_verdict({"0": 1.0}, {"1": 9.0}) == "yes"  # no shared seed: unpaired
+
+
 def test_the_sd3_table_reports_each_rival_and_where_the_lead_is_largest(tmp_path):
     analyze = _load(CLAIMS / "analyze.py", "paper_claims_analyze")
     rows = _rows({"rf/lognorm(0.00, 1.00)": {5: [10, 11, 12], 25: [5, 5.1, 5.2]},
@@ -101,18 +111,18 @@ def test_the_fashion_claims_read_their_cells_from_the_shared_results(tmp_path):
     ddim = "\n".join(analyze.ddim_section(rows))
     assert "| eta 1.0 | 9.00 ± 0.10 (n=3) | 2.00 ± 0.10 (n=3) | – |" in ddim
     assert "eta 0 beats every eta > 0 at S = 10 (best rival: eta 1.0) | eta 0: 13.36 at S = 10 " \
-           "| 5.00 vs 9.00 | yes |" in ddim
-    assert "at S = 20 (best rival: eta 1.0) | eta 1: 18.36 at S = 20 | 3.00 vs 2.00 | no |" in ddim
+           "| 5.00 vs 9.00 (paired Δ +4.00 ± 0.00, n=3) | yes |" in ddim
+    assert "at S = 20 (best rival: eta 1.0) | eta 1: 18.36 at S = 20 | 3.00 vs 2.00 (paired Δ -1.00 ± 0.00, n=3) | no |" in ddim
     assert "at S = 50 | – | not run | – |" in ddim
     edm = "\n".join(analyze.edm_section(rows, ["linear"]))
-    assert "Heun-karras at NFE 9 beats Euler-VP at NFE 10 | – | 4.00 vs 5.00 | yes |" in edm
+    assert "Heun-karras at NFE 9 beats Euler-VP at NFE 10 | – | 4.00 vs 5.00 (paired Δ +1.00" in edm
     assert "Euler's FID at NFE 20 (3.00) first reached by Heun at NFE 19: 1.1x fewer | yes |" in edm
     iddpm = "\n".join(analyze.iddpm_section(rows))
-    assert "| cosine beats linear at NFE 10 |" in iddpm and "4.00 vs 5.00 | yes |" in iddpm
+    assert "| cosine beats linear at NFE 10 |" in iddpm and "4.00 vs 5.00 (paired Δ +1.00 ± 0.00, n=3) | yes |" in iddpm
     lin = "\n".join(analyze.lin_section(rows, _eval_rows("linear", "ddim", "trailing",
                                                          {10: [4, 4.1, 3.9]}, "eta=0.0")))
-    assert "trailing beats leading at NFE 10 | qualitative (Sec. 3.3) | 4.50 vs 5.00 | yes |" in lin
-    assert "(both trailing) at NFE 10 | qualitative (Sec. 3.1, Fig. 3) | 4.00 vs 4.50 | yes |" in lin
+    assert "trailing beats leading at NFE 10 | qualitative (Sec. 3.3) | 4.50 vs 5.00 (paired Δ +0.50 ± 0.00, n=3) | yes |" in lin
+    assert "(both trailing) at NFE 10 | qualitative (Sec. 3.1, Fig. 3) | 4.00 vs 4.50 (paired Δ +0.50 ± 0.00, n=3) | yes |" in lin
     from diffsweep.results import write_rows
 
     write_rows(tmp_path / "shared.csv", rows)

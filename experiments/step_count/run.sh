@@ -4,7 +4,7 @@
 # vp_vs_ve's cells of the same model (same shared results file), so run vp_vs_ve/run.sh first.
 # Usage (from the repo root):  bash experiments/step_count/run.sh [path/to/last.ckpt]
 # Default checkpoint: the scheduler=linear job of the newest logs/fmnist_models multirun.
-# Environment: SEEDS, NUM_SAMPLES, PRECISION, RESULTS (as in vp_vs_ve/run.sh).
+# Environment: SEEDS, NUM_SAMPLES, PRECISION, RESULTS, EVAL_ARGS (as in vp_vs_ve/run.sh).
 set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 HERE=experiments/step_count
@@ -21,5 +21,6 @@ fi
 common=(experiment=eval_sweep task_name=study_eval "ckpt_path=$CKPT" "results_file=$PWD/$RESULTS"
         "metrics.fid.evaluator.num_samples=$NUM_SAMPLES" "precision=$PRECISION" "seed=$SEEDS")
 # DDIM (eta 0) on the DDPM/diffusers default leading grid beyond vp_vs_ve's NFE 50.
-python evaluate.py "${common[@]}" -m sampler=ddim sampler.num_steps=100
+# shellcheck disable=SC2086
+python evaluate.py "${common[@]}" ${EVAL_ARGS:-} -m sampler=ddim sampler.num_steps=100
 python $HERE/analyze.py "$RESULTS" --schedule linear --out-dir $HERE

@@ -87,7 +87,8 @@ def test_step_count_analyze_keeps_one_schedule_and_the_plain_cells(tmp_path):
     assert len(kept) == 6 and {r["sampler"] for r in kept} == {"ddim"}   # no eta 1, ve, euler
     md = (tmp_path / "results.md").read_text()
     assert "| linear | ddim | leading | 8.10 ± 0.10 (n=3) | 0.90 ± 0.10 (n=3) |" in md
-    assert "| linear | ddim | leading | 5 | 8.10 ± 0.10 (n=3) | 50 | 0.90 ± 0.10 (n=3) | falls |" in md
+    assert ("| linear | ddim | leading | 5 | 8.10 ± 0.10 (n=3) | 50 | 0.90 ± 0.10 (n=3) | "
+            "-7.20 ± 0.00 | falls |") in md
     assert (tmp_path / "fid_vs_nfe.png").stat().st_size > 1000
     with pytest.raises(SystemExit, match="No rows of a 'cosine' model"):
         analyze.main([str(results), "--schedule", "cosine", "--out-dir", str(tmp_path)])
@@ -98,6 +99,11 @@ def test_trend_needs_a_gap_beyond_the_seed_noise():
     assert analyze.trend([10.0, 11.0, 9.0], [5.0, 5.5, 4.5]) == "falls"
     assert analyze.trend([10.0, 11.0, 9.0], [9.0, 10.0, 8.0]) == "within noise"
     assert analyze.trend([5.0, 5.2, 4.8], [10.0, 10.2, 9.8]) == "rises"
+    # the same cells keyed by noise seed: the seed-shared part of the noise cancels
+    first, last = {"0": 10.0, "1": 11.0, "2": 9.0}, {"0": 9.0, "1": 10.1, "2": 7.9}
+    assert analyze.trend(list(first.values()), list(last.values())) == "within noise"
+    assert analyze.trend(first, last) == "falls"
+    assert analyze.paired_delta(first, last)[2] == 3 and analyze.paired_delta({"0": 1.0}, last) is None
 
 
 def test_select_matches_sampler_spacing_and_options_and_rejects_bad_items():
@@ -188,3 +194,32 @@ def test_four_families_sweep_then_evaluate_sweep_then_fid_vs_nfe_side_by_side(tm
     flow_heun = {row["nfe"] for row in rows if row["train_scheduler"] == "flow"
                  and row["sampler"] == "heun"}
     assert flow_heun == {"2", "4"}   # Heun's Euler step from the flow pole: 2n - 2 evaluations
+
+
+@pytest.mark.slow
+def test_vp_vs_ve_run_sh_quick_mode_trains_four_models_and_tabulates_them(tmp_path):
+    """``MODE=digits bash experiments/vp_vs_ve/run.sh`` at tiny size, from another directory:
+    four schedules trained, each evaluated with its samplers (DDIM on the VP models only) for
+    every noise seed, and the generated table and trend have a row per (schedule, sampler)."""
+    import os
+    import subprocess
+
+    tiny = ("trainer.max_steps=2 model.base_channels=8 model.channel_mults=[1,2] "
+            "model.attention_resolutions=[] data.resolution=8 trainer.val_check_interval=2")
+    env = {**os.environ, "MODE": "digits", "SEEDS": "0,1", "NUM_SAMPLES": "8",
+           "TRAIN_ARGS": tiny, "EVAL_ARGS": "metrics=fid_tiny grid_samples=4 batch_size=8",
+           "WANDB_MODE": "offline"}
+    done = subprocess.run(["bash", str(REPO / "experiments" / "vp_vs_ve" / "run.sh")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "logs" / "vp_vs_ve_digits"
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    per_seed = {"linear": 11, "cosine": 11, "ve": 7, "edm": 7}   # dpmpp 4 + heun 3 (+ ddim 4)
+    for schedule, count in per_seed.items():
+        mine = [r for r in rows if r["train_scheduler"] == schedule]
+        assert len(mine) == 2 * count and {r["seed"] for r in mine} == {"0", "1"}, schedule
+    md = (out / "results.md").read_text()
+    for schedule in per_seed:
+        assert f"| {schedule} | dpmpp_2m | karras |" in md and f"| {schedule} | heun | karras |" in md
+    assert "| cosine | ddim | leading |" in md and "| ve | ddim" not in md
+    assert "## Does FID fall with NFE?" in md and (out / "fid_vs_nfe.png").is_file()

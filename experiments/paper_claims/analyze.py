@@ -20,7 +20,8 @@ this script only.
 from __future__ import annotations
 
 import argparse
-import statistics
+import importlib.util
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Mapping, Sequence, Union
@@ -40,9 +41,23 @@ def cells(rows: Sequence[dict[str, str]]) -> dict[str, dict[int, list[float]]]:
 FIDs = Union[Sequence[float], Mapping[str, float]]  # one cell: FIDs, or {noise seed: FID}
 
 
+def _vp_vs_ve_analyze():
+    """The shared study-analysis helpers (cells, mean ± sd, seed pairing) of vp_vs_ve."""
+    spec = importlib.util.spec_from_file_location("vp_vs_ve_analyze",
+                                                  HERE.parent / "vp_vs_ve" / "analyze.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+base = _vp_vs_ve_analyze()
+paired_delta = base.paired_delta
+
+
 def mean_sd(values: FIDs) -> tuple[float, float]:
-    values = list(values.values()) if isinstance(values, Mapping) else list(values)
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    """Mean and sd of a cell's FIDs (0 sd for one)."""
+    return base.mean_sd(list(values.values()) if isinstance(values, Mapping) else list(values))
 
 
 def show(values: FIDs) -> str:
@@ -56,17 +71,6 @@ def verdict(better: Sequence[float], worse: Sequence[float]) -> str:
     if mean_b >= mean_w:
         return "no"
     return "yes" if mean_w - mean_b > sd_b + sd_w else "within noise"
-
-
-def paired_delta(better: Mapping[str, float], worse: Mapping[str, float]
-                 ) -> tuple[float, float, int] | None:
-    """Mean and sd over the shared noise seeds of ``worse - better`` (same seed = same initial
-    noise, so the seed-to-seed noise of FID largely cancels), and how many; None below 2."""
-    seeds = sorted(set(better) & set(worse))
-    if len(seeds) < 2:
-        return None
-    deltas = [worse[seed] - better[seed] for seed in seeds]
-    return statistics.fmean(deltas), statistics.stdev(deltas), len(seeds)
 
 
 def paired_verdict(better: Mapping[str, float], worse: Mapping[str, float]) -> str:

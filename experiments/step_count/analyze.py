@@ -65,8 +65,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "Classifier-FID (lower is better) is NOT comparable to published Inception FID. "
             "Cells: mean ± sd over noise seeds (n = seeds).\n\n"
             + base.markdown_table(rows, budgets)
-            + "\n## Does FID fall with NFE?\n\n"
-            "Significant when the gap of the seed means exceeds the two cells' summed sd.\n\n"
+            + "\n## Does FID fall with NFE?\n\n" + base.TREND_NOTE
             + base.trend_table(rows) + f"\n![FID vs NFE]({png.name})\n")
     from diffsweep.files import atomic_write_text
 

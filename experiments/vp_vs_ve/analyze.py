@@ -9,7 +9,9 @@ actual NFE in brackets when it differs (heun spends 2n - 1 evaluations, so 9 sit
 Rows repeated with different noise seeds are averaged (the number of seeds is then given as ``n=``).
 Plot: one panel per schedule, one line per sampler, log-x NFE, log-y FID, error bars = sd over seeds.
 Trend: per (schedule, sampler, spacing), FID at its fewest NFE against FID at its most, with a verdict
-(falls / within noise / rises: the gap against the two cells' summed sd).
+(falls / within noise / rises): on the seed-paired difference (same noise seed in both cells) when
+there are >= 2 shared seeds, significant when its mean exceeds its sd; else the gap of the means
+against the two cells' summed sd.
 ``--select sampler:spacing,...`` keeps only those cells (plain ones: no sampler options, the
 checkpoint's EMA), and the rows used are written to ``<out-dir>/results.csv``.
 """
@@ -22,7 +24,7 @@ import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 Key = tuple[str, str, str]  # (schedule, sampler, spacing)
 
@@ -48,14 +50,21 @@ def _schedule_rank(name: str) -> tuple[int, str]:
     return (SCHEDULE_ORDER.index(name) if name in SCHEDULE_ORDER else len(SCHEDULE_ORDER), name)
 
 
-def group(rows: Sequence[dict[str, str]]) -> dict[Key, dict[int, list[float]]]:
-    """``{(schedule, sampler, spacing): {nfe: [fid per seed]}}``."""
-    out: dict[Key, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in rows:
+def group_by_seed(rows: Sequence[dict[str, str]]) -> dict[Key, dict[int, dict[str, float]]]:
+    """``{(schedule, sampler, spacing): {nfe: {noise seed: fid}}}`` (a repeated row: the last)."""
+    out: dict[Key, dict[int, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    for index, r in enumerate(rows):
         key = (r.get("train_scheduler") or "?", r["sampler"], r.get("spacing") or "")
-        out[key][int(float(r["nfe"]))].append(float(r["fid"]))
+        seed = r.get("seed") if r.get("seed") not in (None, "") else f"row{index}"
+        out[key][int(float(r["nfe"]))][seed] = float(r["fid"])
     return {k: dict(v) for k, v in sorted(out.items(), key=lambda kv: (_schedule_rank(kv[0][0]),
                                                                          kv[0][1:]))}
+
+
+def group(rows: Sequence[dict[str, str]]) -> dict[Key, dict[int, list[float]]]:
+    """``{(schedule, sampler, spacing): {nfe: [fid per seed]}}``."""
+    return {key: {nfe: list(fids.values()) for nfe, fids in by_nfe.items()}
+            for key, by_nfe in group_by_seed(rows).items()}
 
 
 Cell = tuple[str, str, "str | None"]  # (sampler, spacing, options as the CSV writes them or None)
@@ -98,25 +107,55 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.2f} ± {sd:.2f} (n={len(values)})"
 
 
-def trend(first: Sequence[float], last: Sequence[float]) -> str:
-    """``falls`` / ``within noise`` / ``rises``: FID from ``first`` (fewest NFE) to ``last``,
-    significant when the gap of the seed means exceeds the two cells' summed sd."""
+def paired_delta(first: Mapping[str, float], second: Mapping[str, float]
+                 ) -> tuple[float, float, int] | None:
+    """Mean and sd over the shared noise seeds of ``second - first`` and their number (None
+    below 2). Same seed = same initial noise, so FID's seed-to-seed noise largely cancels."""
+    seeds = sorted(set(first) & set(second))
+    if len(seeds) < 2:
+        return None
+    deltas = [second[seed] - first[seed] for seed in seeds]
+    return statistics.fmean(deltas), statistics.stdev(deltas), len(seeds)
+
+
+def trend(first: Sequence[float] | Mapping[str, float],
+          last: Sequence[float] | Mapping[str, float]) -> str:
+    """``falls`` / ``within noise`` / ``rises``: FID from ``first`` (fewest NFE) to ``last``.
+    Given ``{seed: fid}`` with >= 2 shared seeds: significant when the seed-paired difference's
+    mean exceeds its sd; otherwise when the gap of the means exceeds the two cells' summed sd."""
+    paired = (paired_delta(first, last)
+              if isinstance(first, Mapping) and isinstance(last, Mapping) else None)
+    if paired is not None:
+        mean, sd, _ = paired
+        if abs(mean) <= sd:
+            return "within noise"
+        return "falls" if mean < 0 else "rises"
+    first = list(first.values()) if isinstance(first, Mapping) else first
+    last = list(last.values()) if isinstance(last, Mapping) else last
     (mean_f, sd_f), (mean_l, sd_l) = mean_sd(first), mean_sd(last)
     if abs(mean_l - mean_f) <= sd_f + sd_l:
         return "within noise"
     return "falls" if mean_l < mean_f else "rises"
 
 
+TREND_NOTE = ("Paired Δ: FID(most NFE) − FID(fewest NFE) per noise seed (same seed = same initial "
+              "noise), mean ± sd; significant when |mean| exceeds its sd.\n\n")
+
+
 def trend_table(rows: Sequence[dict[str, str]]) -> str:
     """One line per (schedule, sampler, spacing): FID at its fewest and at its most NFE."""
-    lines = ["| schedule | sampler | spacing | fewest NFE | FID | most NFE | FID | FID from fewest "
-             "to most NFE |", "|---|---|---|---:|---:|---:|---:|---|"]
-    for (schedule, sampler, spacing), by_nfe in group(rows).items():
+    lines = ["| schedule | sampler | spacing | fewest NFE | FID | most NFE | FID | paired Δ | "
+             "FID from fewest to most NFE |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for (schedule, sampler, spacing), by_nfe in group_by_seed(rows).items():
         low, high = min(by_nfe), max(by_nfe)
         if low == high:
             continue
-        lines.append(f"| {schedule} | {sampler} | {spacing} | {low} | {_cell(by_nfe[low])} | "
-                     f"{high} | {_cell(by_nfe[high])} | {trend(by_nfe[low], by_nfe[high])} |")
+        paired = paired_delta(by_nfe[low], by_nfe[high])
+        delta = "–" if paired is None else f"{paired[0]:+.2f} ± {paired[1]:.2f}"
+        lines.append(f"| {schedule} | {sampler} | {spacing} | {low} | "
+                     f"{_cell(list(by_nfe[low].values()))} | {high} | "
+                     f"{_cell(list(by_nfe[high].values()))} | {delta} | "
+                     f"{trend(by_nfe[low], by_nfe[high])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -235,8 +274,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "Classifier-FID (lower is better) is NOT comparable to published Inception FID. "
             "Cells: mean ± sd over noise seeds (n = seeds).\n\n"
             + markdown_table(rows, budgets)
-            + "\n## Does FID fall with NFE?\n\n"
-            "Significant when the gap of the seed means exceeds the two cells' summed sd.\n\n"
+            + "\n## Does FID fall with NFE?\n\n" + TREND_NOTE
             + trend_table(rows) + f"\n![FID vs NFE]({png.name})\n")
     (out / "results.md").write_text(text)
     print(text)

@@ -7,13 +7,15 @@
 # Default LINEAR_RUN_DIR: the scheduler=linear job of the newest logs/fmnist_models multirun; without
 # ZTSNR_RUN_DIR the zero-terminal-SNR model is trained first (~10 min on one core).
 # Environment: DATA_ROOT, SEEDS, NUM_SAMPLES, PRECISION, RESULTS, EVAL_ARGS, TRAIN_ARGS (as in
-# vp_vs_ve/run.sh), ZTSNR_RESULTS.
+# vp_vs_ve/run.sh), ZTSNR_RESULTS, CLAIMS (which evaluations to run, default "ddim solvers trailing
+# ztsnr"; e.g. two shells with a part each use both cores).
 # SD3 Table 1 has its own pipeline (sd3_run.py, see README.md).
 set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 HERE=experiments/paper_claims
 RESULTS=${RESULTS:-logs/fmnist_studies/results.csv}
 ZTSNR_RESULTS=${ZTSNR_RESULTS:-logs/fmnist_studies/results_ztsnr.csv}
+CLAIMS=${CLAIMS:-ddim solvers trailing ztsnr}
 SEEDS=${SEEDS:-0,1,2}; NUM_SAMPLES=${NUM_SAMPLES:-2000}; PRECISION=${PRECISION:-bf16}
 if [[ -z ${DATA_ROOT:-} && -d ../shared/data/fashion-mnist ]]; then DATA_ROOT=$PWD/../shared/data/fashion-mnist; fi
 data=()
@@ -23,6 +25,8 @@ data=()
 LINEAR=${1:-$(dirname "$(dirname "$(grep -lx -- "- scheduler=linear" "$(ls -d logs/fmnist_models/multiruns/* | sort | tail -n 1)"/*/.hydra/overrides.yaml | head -n 1)")")}
 if [[ $# -ge 2 ]]; then
   ZTSNR=$2
+elif [[ " $CLAIMS " != *" ztsnr "* ]]; then
+  ZTSNR=
 else
   # shellcheck disable=SC2086
   python train.py -m experiment=posthoc_ema task_name=fmnist_ztsnr scheduler=linear \
@@ -39,12 +43,13 @@ eval_on() {  # eval_on RUN_DIR RESULTS_FILE overrides...: one evaluate.py multir
 }
 # DDIM Table 1 (Song et al. 2021): eta x S on the leading grid (eta 0 is vp_vs_ve's ddim row);
 # S 10 and 20 only (CPU budget: the small S where the paper's claim is made).
-eval_on "$LINEAR" "$RESULTS" sampler=ddim sampler.eta=0.2,0.5,1.0 sampler.num_steps=10,20
+claim() { [[ " $CLAIMS " == *" $1 "* ]]; }
+claim ddim && eval_on "$LINEAR" "$RESULTS" sampler=ddim sampler.eta=0.2,0.5,1.0 sampler.num_steps=10,20
 # DPM-Solver++(2M) and UniPC against DDIM on the same (leading) grid at 10 and 20 NFE.
-eval_on "$LINEAR" "$RESULTS" sampler=dpmpp_2m,unipc sampler.spacing=leading sampler.num_steps=10,20
+claim solvers && eval_on "$LINEAR" "$RESULTS" sampler=dpmpp_2m,unipc sampler.spacing=leading sampler.num_steps=10,20
 # Lin et al. 2023: trailing spacing on the ordinary model, and the zero-terminal-SNR model (trailing).
-eval_on "$LINEAR" "$RESULTS" sampler=ddim sampler.spacing=trailing sampler.num_steps=5,10,20
-eval_on "$ZTSNR" "$ZTSNR_RESULTS" sampler=ddim sampler.spacing=trailing sampler.num_steps=5,10,20
+claim trailing && eval_on "$LINEAR" "$RESULTS" sampler=ddim sampler.spacing=trailing sampler.num_steps=5,10,20
+claim ztsnr && eval_on "$ZTSNR" "$ZTSNR_RESULTS" sampler=ddim sampler.spacing=trailing sampler.num_steps=5,10,20
 # EDM (Heun + karras vs Euler = DDIM on the VP grid) and iDDPM (cosine vs linear, DDIM at few
 # steps) are read from vp_vs_ve's cells.
 python $HERE/analyze.py --results "$RESULTS" --ztsnr "$ZTSNR_RESULTS" --out-dir $HERE

@@ -20,7 +20,6 @@ this script only.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -41,17 +40,8 @@ def cells(rows: Sequence[dict[str, str]]) -> dict[str, dict[int, list[float]]]:
 FIDs = Union[Sequence[float], Mapping[str, float]]  # one cell: FIDs, or {noise seed: FID}
 
 
-def _vp_vs_ve_analyze():
-    """The shared study-analysis helpers (cells, mean ± sd, seed pairing) of vp_vs_ve."""
-    spec = importlib.util.spec_from_file_location("vp_vs_ve_analyze",
-                                                  HERE.parent / "vp_vs_ve" / "analyze.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-base = _vp_vs_ve_analyze()
+sys.path.insert(0, str(HERE.parent))  # experiments/: the studies' analyze scripts import each other
+from vp_vs_ve import analyze as base  # noqa: E402  (shared helpers: cells, mean ± sd, seed pairing)
 paired_delta = base.paired_delta
 
 

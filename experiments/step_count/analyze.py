@@ -12,25 +12,14 @@ restricted to ``--schedule`` and to the plain cells of DDIM (leading grid), dpmp
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 from typing import Sequence
 
 HERE = Path(__file__).resolve().parent
 CELLS = "ddim:leading:eta=0.0,dpmpp_2m:karras,heun:karras"
-
-
-def _vp_vs_ve_analyze():
-    spec = importlib.util.spec_from_file_location("vp_vs_ve_analyze",
-                                                  HERE.parent / "vp_vs_ve" / "analyze.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-base = _vp_vs_ve_analyze()
+sys.path.insert(0, str(HERE.parent))  # experiments/: the studies' analyze scripts import each other
+from vp_vs_ve import analyze as base  # noqa: E402  (shared helpers: cells, mean ± sd, seed pairing)
 
 
 def study_rows(rows: Sequence[dict[str, str]], schedule: str,

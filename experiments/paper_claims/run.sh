@@ -20,6 +20,7 @@ SEEDS=${SEEDS:-0,1,2}; NUM_SAMPLES=${NUM_SAMPLES:-2000}; PRECISION=${PRECISION:-
 if [[ -z ${DATA_ROOT:-} && -d ../shared/data/fashion-mnist ]]; then DATA_ROOT=$PWD/../shared/data/fashion-mnist; fi
 data=()
 [[ -n ${DATA_ROOT:-} ]] && data=("data.root=$DATA_ROOT")
+RESULTS=$(realpath -m "$RESULTS"); ZTSNR_RESULTS=$(realpath -m "$ZTSNR_RESULTS")
 [[ -f $RESULTS ]] || { echo "No results file $RESULTS: run experiments/vp_vs_ve/run.sh first (its cells are reused)" >&2; exit 1; }
 
 LINEAR=${1:-$(dirname "$(dirname "$(grep -lx -- "- scheduler=linear" "$(ls -d logs/fmnist_models/multiruns/* | sort | tail -n 1)"/*/.hydra/overrides.yaml | head -n 1)")")}
@@ -38,7 +39,7 @@ eval_on() {  # eval_on RUN_DIR RESULTS_FILE overrides...: one evaluate.py multir
   shift 2
   # shellcheck disable=SC2086
   python evaluate.py experiment=eval_sweep task_name=study_eval "ckpt_path=$run/checkpoints/last.ckpt" \
-    "results_file=$PWD/$results" "metrics.fid.evaluator.num_samples=$NUM_SAMPLES" "precision=$PRECISION" \
+    "results_file=$results" "metrics.fid.evaluator.num_samples=$NUM_SAMPLES" "precision=$PRECISION" \
     ${EVAL_ARGS:-} -m "seed=$SEEDS" "$@"
 }
 # DDIM Table 1 (Song et al. 2021): eta x S on the leading grid (eta 0 is vp_vs_ve's ddim row);

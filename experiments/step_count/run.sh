@@ -17,8 +17,9 @@ else
   CKPT=$(dirname "$(dirname "$CKPT")")/checkpoints/last.ckpt
 fi
 [[ -f $CKPT ]] || { echo "No checkpoint $CKPT: run experiments/vp_vs_ve/run.sh first" >&2; exit 1; }
+RESULTS=$(realpath -m "$RESULTS")
 [[ -f $RESULTS ]] || { echo "No results file $RESULTS: run experiments/vp_vs_ve/run.sh first (its cells of this model are reused)" >&2; exit 1; }
-common=(experiment=eval_sweep task_name=study_eval "ckpt_path=$CKPT" "results_file=$PWD/$RESULTS"
+common=(experiment=eval_sweep task_name=study_eval "ckpt_path=$CKPT" "results_file=$RESULTS"
         "metrics.fid.evaluator.num_samples=$NUM_SAMPLES" "precision=$PRECISION" "seed=$SEEDS")
 # DDIM (eta 0) on the DDPM/diffusers default leading grid beyond vp_vs_ve's NFE 50.
 # shellcheck disable=SC2086

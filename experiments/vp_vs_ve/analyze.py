@@ -237,12 +237,15 @@ def plot(rows: Sequence[dict[str, str]], path: str | Path, title: str = "",
 
 
 def describe(rows: Sequence[dict[str, str]]) -> str:
-    """One line naming what the rows were made with (checkpoints' steps, samples, extractor)."""
+    """One line naming what the rows were made with (checkpoints' steps, samples, extractor,
+    sampling precision) and what they cost (the jobs' summed wall time)."""
     def values(key: str) -> str:
         return ",".join(sorted({r.get(key, "") for r in rows if r.get(key, "")})) or "?"
+    seconds = sum(float(r["wall_time_s"]) for r in rows if r.get("wall_time_s"))
     return (f"{len(rows)} evaluations; training steps {values('step')}; FID samples "
             f"{values('fid_samples')}; extractor {values('fid_extractor')}; noise seeds "
-            f"{values('seed')}.")
+            f"{values('seed')}; sampling precision {values('precision')}; evaluation wall time "
+            f"{seconds / 3600:.1f} process-hours (summed over jobs).")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -114,12 +114,13 @@ def test_select_matches_sampler_spacing_and_options_and_rejects_bad_items():
         analyze.parse_cells("ddim")
     rows = [{"sampler": "ddim", "spacing": "leading", "options": "eta=0.0"},
             {"sampler": "ddim", "spacing": "leading", "options": "eta=0.5"},
+            {"sampler": "ddim", "spacing": "leading", "options": "eta=0.0;clip_sample=False"},
             {"sampler": "ddim", "spacing": "trailing", "options": "eta=0.0"},
             {"sampler": "heun", "spacing": "karras", "options": "s_churn=0.0"},
             {"sampler": "heun", "spacing": "karras", "options": "", "sigma_rel": "0.1"},
             {"sampler": "heun", "spacing": "karras", "options": "", "weights": "raw"}]
     kept = analyze.select(rows, analyze.parse_cells("ddim:leading:eta=0.0,heun:karras"))
-    assert kept == rows[:1] + rows[3:4]
+    assert kept == [rows[0], rows[2], rows[4]]
 
 
 def test_analyze_missing_file_names_what_to_do(tmp_path):

@@ -78,9 +78,7 @@ def paired_verdict(better: Mapping[str, float], worse: Mapping[str, float]) -> s
 Cells = dict[int, dict[str, float]]  # {nfe (or S): {noise seed: fid}}
 
 
-def options_of(row: dict[str, str]) -> dict[str, str]:
-    """The ``options`` column (``"eta=0.2;..."``) as a dict."""
-    return dict(item.split("=", 1) for item in (row.get("options") or "").split(";") if "=" in item)
+options_of = base.options_of
 
 
 def fid_cells(rows: Sequence[dict[str, str]], schedule: str, sampler: str, spacing: str,

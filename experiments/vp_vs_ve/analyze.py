@@ -67,23 +67,33 @@ def group(rows: Sequence[dict[str, str]]) -> dict[Key, dict[int, list[float]]]:
             for key, by_nfe in group_by_seed(rows).items()}
 
 
-Cell = tuple[str, str, "str | None"]  # (sampler, spacing, options as the CSV writes them or None)
+Cell = tuple[str, str, "str | None"]  # (sampler, spacing, required options "k=v;..." or None)
+
+
+def options_of(row: Mapping[str, str]) -> dict[str, str]:
+    """A row's ``options`` column (``"eta=0.2;clip_sample=False;..."``) as a dict."""
+    return dict(item.split("=", 1) for item in (row.get("options") or "").split(";") if "=" in item)
 
 
 def select(rows: Sequence[dict[str, str]], cells: Iterable[Cell]) -> list[dict[str, str]]:
-    """The rows of the given ``(sampler, spacing, options)`` cells (``options`` None: any) made
-    with the checkpoint's own EMA (no post-hoc profile): a study's part of a shared results file."""
-    wanted = list(cells)
-    return [r for r in rows if any(
-                (r["sampler"], r.get("spacing") or "") == (sampler, spacing)
-                and (options is None or (r.get("options") or "") == options)
-                for sampler, spacing, options in wanted)
-            and not r.get("sigma_rel") and r.get("weights", "ema") in ("", "ema")]
+    """The rows of the given ``(sampler, spacing, options)`` cells made with the checkpoint's own
+    EMA (no post-hoc profile): a study's part of a shared results file. ``options`` (``"k=v;..."``)
+    must all appear in the row's sampler options; None matches any."""
+    wanted = [(sampler, spacing, None if options is None else options_of({"options": options}))
+              for sampler, spacing, options in cells]
+    def matches(r: dict[str, str]) -> bool:
+        given = options_of(r)
+        return any((r["sampler"], r.get("spacing") or "") == (sampler, spacing)
+                   and (required is None or all(given.get(k) == v for k, v in required.items()))
+                   for sampler, spacing, required in wanted)
+    return [r for r in rows if matches(r) and not r.get("sigma_rel")
+            and r.get("weights", "ema") in ("", "ema")]
 
 
 def parse_cells(text: str) -> list[Cell]:
     """``"ddim:leading:eta=0.0,heun:karras"`` -> ``[("ddim", "leading", "eta=0.0"),
-    ("heun", "karras", None)]`` (options as in the CSV's ``options`` column; omitted: any)."""
+    ("heun", "karras", None)]`` (options: ``k=v`` pairs joined by ``;``, as in the CSV's
+    ``options`` column; omitted: any)."""
     cells: list[Cell] = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         sampler, _, rest = item.partition(":")

@@ -229,26 +229,35 @@ def iddpm_section(rows: Sequence[dict[str, str]]) -> list[str]:
 
 def lin_section(rows: Sequence[dict[str, str]], ztsnr_rows: Sequence[dict[str, str]]
                 ) -> list[str]:
-    """Lin et al. 2023: trailing spacing, and zero terminal SNR (with trailing) at few steps."""
-    leading = fid_cells(rows, "linear", "ddim", "leading", eta="0.0")
-    trailing = fid_cells(rows, "linear", "ddim", "trailing", eta="0.0")
+    """Lin et al. 2023: trailing spacing (on the linear and the cosine model), and zero terminal
+    SNR (with trailing) at few steps."""
+    grids = {schedule: {spacing: fid_cells(rows, schedule, "ddim", spacing, eta="0.0")
+                        for spacing in ("leading", "trailing")}
+             for schedule in ("linear", "cosine")}
     ztsnr = fid_cells(ztsnr_rows, "linear", "ddim", "trailing", eta="0.0")
-    nfes = sorted(set(trailing) | set(ztsnr)) or [5, 10, 20, 50]
+    nfes = sorted(set(grids["linear"]["trailing"]) | set(grids["cosine"]["trailing"])
+                  | set(ztsnr)) or [5, 10, 20]
     lines = ["## Lin et al. 2023, \"Common Diffusion Noise Schedules and Sample Steps are Flawed\" "
              "(arXiv:2305.08891)", "",
-             "DDIM (eta 0) on the linear-schedule model with the leading and the trailing grid, "
-             "and on the same recipe trained with the betas rescaled to zero terminal SNR "
-             "(`scheduler.rescale_betas_zero_snr=true`, v-prediction as the paper requires), "
-             "trailing grid.", "",
-             *cell_table(nfes, [("linear, leading", leading), ("linear, trailing", trailing),
-                                ("zero terminal SNR, trailing", ztsnr)]), "", *CLAIM_HEADER]
+             "DDIM (eta 0) with the leading and the trailing grid on the linear- and the cosine-"
+             "schedule models, and the linear recipe trained with the betas rescaled to zero "
+             "terminal SNR (`scheduler.rescale_betas_zero_snr=true`, v-prediction as the paper "
+             "requires) on the trailing grid.", "",
+             *cell_table(nfes, [*((f"{schedule}, {spacing}", cells)
+                                  for schedule, by_spacing in grids.items()
+                                  for spacing, cells in by_spacing.items()),
+                                ("linear, zero terminal SNR, trailing", ztsnr)]),
+             "", *CLAIM_HEADER]
+    for schedule, by_spacing in grids.items():
+        for nfe in nfes:
+            if nfe in by_spacing["trailing"]:
+                lines.append(claim_line(f"{schedule}: trailing beats leading at NFE {nfe}",
+                                        "qualitative (Sec. 3.3)", by_spacing["trailing"].get(nfe),
+                                        by_spacing["leading"].get(nfe)))
     for nfe in nfes:
-        lines.append(claim_line(f"trailing beats leading at NFE {nfe}", "qualitative (Sec. 3.3)",
-                                trailing.get(nfe), leading.get(nfe)))
-    for nfe in nfes:
-        lines.append(claim_line(f"zero terminal SNR beats the ordinary model (both trailing) at "
-                                f"NFE {nfe}", "qualitative (Sec. 3.1, Fig. 3)", ztsnr.get(nfe),
-                                trailing.get(nfe)))
+        lines.append(claim_line(f"zero terminal SNR beats the ordinary linear model (both "
+                                f"trailing) at NFE {nfe}", "qualitative (Sec. 3.1, Fig. 3)",
+                                ztsnr.get(nfe), grids["linear"]["trailing"].get(nfe)))
     return lines
 
 

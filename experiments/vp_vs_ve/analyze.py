@@ -12,8 +12,9 @@ Trend: per (schedule, sampler, spacing), FID at its fewest NFE against FID at it
 (falls / within noise / rises): on the seed-paired difference (same noise seed in both cells) when
 there are >= 2 shared seeds, significant when its mean exceeds its sd; else the gap of the means
 against the two cells' summed sd.
-``--select sampler:spacing,...`` keeps only those cells (plain ones: no sampler options, the
-checkpoint's EMA), and the rows used are written to ``<out-dir>/results.csv``.
+``--select sampler:spacing[:k=v;...],...`` keeps only those cells (the given sampler options must
+match; the checkpoint's own EMA, no post-hoc profile), and the rows used are written to
+``<out-dir>/results.csv``.
 """
 
 from __future__ import annotations
@@ -268,7 +269,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out-dir", default=str(here), help="where results.md and the PNG go")
     parser.add_argument("--title", default="VP (linear, cosine) vs VE vs EDM: classifier-FID vs NFE")
     parser.add_argument("--select", default="",
-                        help="sampler:spacing cells to keep, comma-separated (default: every row); "
+                        help="sampler:spacing[:k=v;...] cells to keep, comma-separated (default: "
+                             "every row); "
                              "the rows kept are written to <out-dir>/results.csv")
     args = parser.parse_args(argv)
 

@@ -6,6 +6,10 @@ Examples::
     python train.py scheduler=cosine sampler=dpmpp_2m sampler.num_steps=20
     python train.py -m scheduler=linear,cosine,ve     # a sweep
     python train.py trainer=ddp trainer.devices=4     # DDP (also inside -m sweeps: each job once)
+
+A bad value or a missing file stops it with one line per problem on stderr (``error: ...``) and
+exit status 1; ``DIFFSWEEP_DEBUG=1`` (or ``HYDRA_FULL_ERROR=1``) shows the traceback
+(:mod:`diffsweep.console`).
 """
 
 import sys
@@ -14,6 +18,7 @@ import warnings
 import hydra
 from omegaconf import DictConfig
 
+from diffsweep.console import command_line, one_line_errors
 from diffsweep.hydra_utils import multirun_flag_first
 
 # configs/hydra/launcher/submitit_slurm.yaml replaces the plugin's config of that name on purpose
@@ -22,6 +27,7 @@ warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_slurm' i
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
+@one_line_errors
 def main(cfg: DictConfig) -> float | None:
     from diffsweep.launch import run_job
 
@@ -32,4 +38,5 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     sys.argv = multirun_flag_first(sys.argv)
-    main()
+    with command_line():
+        main()

@@ -1,5 +1,6 @@
 """A quiet console: harmless warnings filtered in one place (with a switch), the short config
-tree, one progress bar per run in steps, readable schedule reprs, quick debug configs."""
+tree, one progress bar per run in steps, readable schedule reprs, quick debug configs, user
+errors as one line (tests/test_bad_inputs.py runs the table of bad inputs)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,10 @@ def test_quiet_filters_each_harmless_warning_in_one_place(no_show_env, monkeypat
         "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)`",
         "The number of training batches (12) is smaller than the logging interval Trainer(...)",
         "Checkpoint directory /x/checkpoints exists and is not empty.",
+        "Precision bf16-mixed is not supported by the model summary.  Estimated model size in MB "
+        "will not be accurate. Using 32 bits instead.",
+        "In the sequence `${paths.log_dir}/${task_name}/multiruns,${now:%Y-%m-%d_%H-%M-%S},never,` "
+        "some elements are missing: please replace them with empty quoted strings.",
     }
     assert len([h for h in console.HARMLESS if h.kind == "warning"]) == len(samples)
     for message in samples:
@@ -76,6 +81,198 @@ def test_quiet_silences_the_real_emitters(no_show_env, monkeypatch, caplog, tmp_
         trainer()
     assert [str(w.message) for w in caught] == []
     assert "Tip" not in caplog.text and "GPU available" in caplog.text  # only the ads go
+
+
+def test_quiet_silences_optuna_plugin_lines_and_the_cpu_cuda_home_warning(no_show_env):
+    """alembic's ``setup plugin`` lines (Optuna loads it with the sweeper) and torch's CUDA_HOME
+    warning on a CPU-only compile go; other lines of those loggers stay."""
+    from alembic.runtime.plugins import Plugin
+
+    class Kept(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    kept = Kept()
+    plugins, cpp = (logging.getLogger(name) for name in ("alembic.runtime.plugins",
+                                                         "torch.utils.cpp_extension"))
+    console.quiet()
+    for logger in (plugins, cpp):  # torch's loggers do not propagate to the root (caplog)
+        logger.addHandler(kept)
+    level = plugins.level
+    plugins.setLevel(logging.INFO)
+    try:
+        Plugin("diffsweep.test_plugin").remove()  # the real emitter: log.info("setup plugin %s")
+        plugins.info("another alembic line")
+        cpp.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local")
+        cpp.warning("Something else about extensions")
+    finally:
+        plugins.setLevel(level)
+        for logger in (plugins, cpp):
+            logger.removeHandler(kept)
+    assert kept.messages == ["another alembic line", "Something else about extensions"]
+
+
+def test_show_warnings_undoes_an_earlier_quiet(no_show_env):
+    """The entry points quiet the console before the config is read; ``show=True``
+    (``console.show_warnings=true``) then removes every filter quiet() installed."""
+    message = "The `srun` command is available on your system but is not used. HINT"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        console.quiet()
+        warnings.warn(message, UserWarning)
+        assert console.quiet(show=True) is False
+        warnings.warn(message, UserWarning)
+        for name in ("alembic.runtime.plugins", *console._LIGHTNING_INFO_LOGGERS):
+            assert not any(isinstance(existing, console._HarmlessLogFilter)
+                           for existing in logging.getLogger(name).filters)
+    assert [str(w.message) for w in caught] == [message]
+
+
+def _raised(function):
+    try:
+        function()
+    except Exception as error:  # noqa: BLE001 - the error is what the test looks at
+        return error
+    raise AssertionError("no error")
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback():
+    import errno
+
+    import numpy
+    from hydra.utils import instantiate
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from omegaconf import OmegaConf
+
+    from diffsweep.data.latents import CorruptLatentCacheError
+    from diffsweep.validate import ConfigError
+
+    def node(key, **config):
+        return OmegaConf.create({key: config})[key]
+
+    lines = console.user_error_lines
+    assert lines(ConfigError("a=1 is bad\nb=2 is bad")) == ["a=1 is bad", "b=2 is bad"]
+    sampler = node("sampler", _target_="diffsweep.samplers.Sampler", method="ddim", num_steps=5,
+                   eta=-1)  # the message names sampler.eta: no prefix
+    assert lines(_raised(lambda: instantiate(sampler))) == [
+        "sampler.eta must be >= 0 (0 = deterministic, 1 = DDPM/ancestral), got -1."]
+    trainer = node("trainer", _target_="lightning.pytorch.Trainer", foo=1)
+    assert lines(_raised(lambda: instantiate(trainer))) == [
+        "trainer: Trainer.__init__() got an unexpected keyword argument 'foo'"]
+    assert lines(_raised(lambda: instantiate(node("model", _target_="no.such.Thing")))) == [
+        "model: Error locating target 'no.such.Thing'."]
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    assert lines(_raised(lambda: torch.optim.AdamW([parameter], lr=-1))) == [
+        "module.optimizer: Invalid learning rate: -1"]
+    assert lines(_raised(lambda: OmegaConf.create({"seed": "${nope}"}).seed)) == [
+        "seed: Interpolation key 'nope' not found"]
+    assert lines(MisconfigurationException("`val_check_interval` must be > 0")) == [
+        "`val_check_interval` must be > 0"]
+    assert lines(CorruptLatentCacheError("cache/manifest.json: not valid JSON")) == [
+        "cache/manifest.json: not valid JSON"]
+    disk_full = OSError(errno.ENOSPC, "No space left on device")
+    assert lines(disk_full) == ["[Errno 28] No space left on device"]
+    # bugs: torch's RuntimeError, a library's ValueError, a plain OSError, a KeyError
+    assert lines(_raised(lambda: torch.zeros(2) @ torch.zeros(3))) is None
+    assert lines(_raised(lambda: numpy.linspace(0, 1, -1))) is None
+    assert lines(OSError(errno.EIO, "Input/output error")) is None
+    assert lines(_raised(lambda: {}["key"])) is None
+
+
+def test_a_user_error_prints_one_line_and_exits_1_a_bug_its_traceback(capsys, monkeypatch):
+    from diffsweep.validate import ConfigError
+
+    monkeypatch.delenv(console.DEBUG_ENV, raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+
+    @console.one_line_errors
+    def task(cfg):
+        raise ConfigError(f"seed={cfg} is not allowed: an integer.\ngrid_samples=0 is not "
+                          f"allowed: >= 1.")
+
+    with pytest.raises(SystemExit) as stopped, console.command_line():
+        task("abc")
+    assert stopped.value.code == console.USER_ERROR_EXIT == 1
+    assert capsys.readouterr().err == ("error: seed=abc is not allowed: an integer.\n"
+                                       "error: grid_samples=0 is not allowed: >= 1.\n")
+    from diffsweep.checkpoints import read_checkpoint
+
+    with pytest.raises(SystemExit), console.command_line():  # the export's way: no Hydra task
+        read_checkpoint("no_such.ckpt")  # diffsweep's FileNotFoundError
+    err = capsys.readouterr().err
+    assert err.startswith("error: Checkpoint no_such.ckpt does not exist") and err.count("\n") == 1
+
+    @console.one_line_errors
+    def buggy(cfg):
+        raise AttributeError("'NoneType' object has no attribute 'shape'")
+
+    with pytest.raises(AttributeError), console.command_line():
+        buggy(None)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv(console.DEBUG_ENV, "1")  # the traceback of a user error too
+    with pytest.raises(ConfigError), console.command_line():
+        task("abc")
+    assert capsys.readouterr().err == ""
+
+
+def test_hydra_restatements_of_a_reported_error_are_dropped():
+    """After ``error: ...`` Hydra writes ``Error executing job with overrides``, the error again
+    and the HYDRA_FULL_ERROR hint; only those go, and the hint only right after a repeat."""
+    import io
+
+    stream = io.StringIO()
+    restatements = console._HydraRestatementFilter(stream)
+    restatements.repeats.update({"Error executing job with overrides: ['seed=abc']\n",
+                                 "error: seed='abc' is not allowed\n"})
+    for text in ["[HYDRA] #0 : seed=abc\n",
+                 "Error executing job with overrides: ['seed=abc']\n",
+                 "error: seed='abc' is not allowed\n", restatements.HINT,
+                 "Traceback (most recent call last): ...\n", restatements.HINT]:
+        restatements.write(text)
+    assert stream.getvalue() == ("[HYDRA] #0 : seed=abc\nTraceback (most recent call last): "
+                                 "...\n" + restatements.HINT)
+    assert restatements.getvalue() == stream.getvalue()  # the rest is the stream's
+
+
+def test_a_sampling_compile_is_announced_with_an_estimate_and_timed(caplog, single_thread):
+    from diffsweep.inference import COMPILE_SECONDS_PER_MODULE, CompiledSamplingNet
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    compiled = CompiledSamplingNet(net, {"backend": "eager"})
+    with caplog.at_level(logging.INFO, logger="diffsweep.inference"):
+        compiled(torch.zeros(5, 3))
+        compiled(torch.zeros(2, 3))  # padded to the compiled batch of 5: no compile
+    estimate = round(COMPILE_SECONDS_PER_MODULE * 4)
+    assert [record.getMessage().split(" (")[0].split(" in ")[0] for record in caplog.records] \
+        == ["Compiling the sampling net for batches of 5", "Compiled the sampling net"]
+    assert f"(one-off, ~{estimate} s; " in caplog.records[0].getMessage()
+    assert re.match(r"Compiled the sampling net in \d+\.\d s\.$", caplog.records[1].getMessage())
+
+
+def test_an_evaluation_prints_one_short_result_line():
+    from diffsweep.evaluate import result_summary
+
+    row = {"ckpt_path": "/runs/x/checkpoints/last.ckpt", "step": 3, "sampler": "ddim",
+           "num_steps": 2, "nfe": 2, "options": "eta=0.0;clip_sample=False;" * 8,
+           "guidance_scale": "", "weights": "ema", "samples_per_s": 84.85, "fid": 4.40360699,
+           "kid": 0.22306, "fid_extractor": "tiny", "fid_samples": 20, "wall_time_s": 0.76}
+    assert result_summary(row) == ("Result: ddim 2 steps (NFE 2), ema weights, FID[tiny] 4.404, "
+                                   "KID 0.2231 (20 samples), 84.85 samples/s, 0.76 s")
+    row.update(guidance_scale=2.0, fid=None, kid=None, weights=None)
+    assert result_summary(row) == ("Result: ddim 2 steps (NFE 2), guidance 2, 84.85 samples/s, "
+                                   "0.76 s")
+
+
+def test_lightnings_model_summary_is_off(tmp_path):
+    """The 12-line layer table (with ``FLOPs 0`` and a bf16 warning) is off; train.py's
+    ``Model: <net> with <n>M parameters`` line says what it said."""
+    for name in ("default", "cpu", "gpu", "ddp"):
+        cfg = compose_config("train", [f"trainer={name}"], tmp_path)
+        assert cfg.trainer.enable_model_summary is False
 
 
 def test_console_options_defaults_and_bad_values():

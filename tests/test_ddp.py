@@ -59,13 +59,28 @@ def test_job_file_rebuilds_the_jobs_config_in_a_rank_process(train_config, tmp_p
     assert path == Path(cfg.paths.output_dir) / ".hydra" / launch.JOB_FILE
     assert launch._current_job is None
     monkeypatch.chdir(tmp_path)  # rank_main changes directory: restore it after the test
-    seen = launch.rank_main(path)
+    seen = launch.rank_main(path, job.task)
     expected = {key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value)
                 else value for key, value in cfg.items() if key != "hydra"}
     assert OmegaConf.to_container(seen["config"]) == expected  # same config, resolved
     assert seen["config"].scheduler.beta_schedule == "squaredcos_cap_v2"
     assert seen["output_dir"] == str(cfg.paths.output_dir)  # the same job directory
     assert seen["cwd"] == job.cwd
+
+
+def test_a_rank_runs_the_task_its_launcher_names_not_the_job_files(train_config, tmp_path,
+                                                                    monkeypatch):
+    """An edited job file cannot choose what a rank process calls: the task comes from the
+    launching process's command line."""
+    cfg = train_config("scheduler=cosine")
+    with launch.hydra_job(cfg, "tests.test_ddp:record_task"):
+        path = launch.write_job_file(launch._current_job, launch.job_file_path(launch._current_job))
+    document = OmegaConf.load(path)
+    document.task = "os:system"
+    OmegaConf.save(document, path)
+    monkeypatch.chdir(tmp_path)
+    seen = launch.rank_main(path, "tests.test_ddp:record_task")
+    assert seen["config"].scheduler.beta_schedule == "squaredcos_cap_v2"
 
 
 def test_job_scope_restores_the_ddp_environment(train_config, monkeypatch):

@@ -12,6 +12,7 @@ saturate every pixel; here about a third of the pixels stay inside (0, 1), which
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -23,7 +24,8 @@ diffusers = pytest.importorskip("diffusers")
 
 from diffsweep.denoiser import Denoiser  # noqa: E402
 from diffsweep.diffusers_bridge import (TrainedBetasVPSchedule, load_pretrained,  # noqa: E402
-                                        read_weights_file, schedule_from_config, scheduler_config)
+                                        read_weights_file, schedule_from_config, scheduler_config,
+                                        weight_files)
 from diffsweep.generate import generate  # noqa: E402
 from diffsweep.nets.diffusers_unet import DiffusersUNet, diffusers_unet  # noqa: E402
 from diffsweep.samplers import Sampler  # noqa: E402
@@ -294,6 +296,94 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
     with pytest.raises(ValueError, match="unpickling it would execute code"):
         load_pretrained(tmp_path / "unet")
     assert not marker.exists()
+
+
+def _sharded_unet(folder: Path) -> tuple[Path, dict]:
+    """A tiny UNet saved in two safetensors shards with its scheduler; (the index, its JSON)."""
+    tiny_unet().save_pretrained(folder, max_shard_size="100KB")
+    diffusers.DDIMScheduler(**SMALL_NOISE).save_pretrained(folder)
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    return index, json.loads(index.read_text())
+
+
+def _point_first_shard_at(index: Path, content: dict, entry: str) -> str:
+    """Rewrite the index so that the first shard's parameters come from ``entry``."""
+    first = sorted(set(content["weight_map"].values()))[0]
+    weight_map = {name: entry if shard == first else shard
+                  for name, shard in content["weight_map"].items()}
+    index.write_text(json.dumps({**content, "weight_map": weight_map}))
+    return first
+
+
+def test_sharded_weights_load_from_inside_the_folder(tmp_path):
+    index, content = _sharded_unet(tmp_path / "unet")
+    assert len(set(content["weight_map"].values())) == 2
+    loaded = load_pretrained(tmp_path / "unet")
+    assert loaded.info["weights"].count(".safetensors") == 2
+    # a shard moved into a sub-folder of the model folder is still inside it
+    first = sorted(set(content["weight_map"].values()))[0]
+    (tmp_path / "unet" / "parts").mkdir()
+    (tmp_path / "unet" / first).rename(tmp_path / "unet" / "parts" / first)
+    _point_first_shard_at(index, content, f"parts/{first}")
+    moved = load_pretrained(tmp_path / "unet")
+    assert all(torch.equal(a, b) for a, b in zip(moved.denoiser.net.parameters(),
+                                                 loaded.denoiser.net.parameters()))
+
+
+@pytest.mark.parametrize("escape", ["dotdot", "absolute", "symlink", "symlinked_folder"])
+def test_a_shard_index_cannot_leave_its_folder(tmp_path, escape):
+    """An index naming ../../x, /abs/x or a symlink that resolves outside the model folder is
+    refused (one line naming the index, the entry and the folder) before any weight is read,
+    even where the file outside holds perfectly loadable weights."""
+    model = tmp_path / "models" / "unet"
+    index, content = _sharded_unet(model)
+    first = sorted(set(content["weight_map"].values()))[0]
+    outside = tmp_path / "x.safetensors"
+    (model / first).rename(outside)  # the real shard, now outside the folder
+    if escape == "dotdot":
+        entry = "../../x.safetensors"
+    elif escape == "absolute":
+        entry = str(outside)
+    elif escape == "symlink":
+        entry = "link.safetensors"
+        (model / entry).symlink_to(outside)
+    else:
+        (model / "parts").symlink_to(tmp_path, target_is_directory=True)
+        entry = "parts/x.safetensors"
+    _point_first_shard_at(index, content, entry)
+    with pytest.raises(ValueError) as caught:
+        load_pretrained(model)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"Weight index {index}" in message and repr(entry) in message
+    assert f"model folder {model.resolve()}" in message
+    with pytest.raises(ValueError, match="Weight index"):
+        weight_files(model)
+
+
+def test_a_hub_cache_snapshot_loads_its_shards_through_blob_links(tmp_path):
+    """Hugging Face's cache keeps a snapshot's files as symlinks into the repository's blobs/:
+    those stay allowed, a link into another repository's blobs does not."""
+    source = tmp_path / "source"
+    _, content = _sharded_unet(source)
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snapshot = repo / "snapshots" / "0123abc"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for number, path in enumerate(sorted(source.iterdir())):
+        blob = repo / "blobs" / f"blob{number}"
+        path.rename(blob)
+        (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
+    assert isinstance(load_pretrained(snapshot).denoiser.net, DiffusersUNet)
+    other = tmp_path / "hub" / "models--org--other" / "blobs"
+    other.mkdir(parents=True)
+    first = sorted(set(content["weight_map"].values()))[0]
+    target = (snapshot / first).resolve()
+    target.rename(other / "stolen")
+    (snapshot / first).unlink()
+    (snapshot / first).symlink_to(other / "stolen")
+    with pytest.raises(ValueError, match="outside the model folder"):
+        load_pretrained(snapshot)
 
 
 def test_folder_errors_name_what_is_missing(tmp_path):

@@ -19,7 +19,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffsweep.denoiser import Denoiser  # noqa: E402
 from diffsweep.diffusers_bridge import load_pretrained  # noqa: E402
 from diffsweep.export import (MIN_BETA, ExportError, convert_unet, export_pipeline,  # noqa: E402
-                              main, parse_args)
+                              main, parse_args, parse_flag)
 from diffsweep.generate import generate  # noqa: E402
 from diffsweep.nets.diffusers_unet import DiffusersUNet, diffusers_unet  # noqa: E402
 from diffsweep.nets.unet import UNet  # noqa: E402
@@ -203,6 +203,76 @@ def test_cli_arguments_are_checked():
         parse_args(["ckpt_path=a.ckpt"])
     with pytest.raises(ValueError, match="must be key=value"):
         parse_args(["a.ckpt"])
+
+
+@pytest.mark.parametrize("value, expected", [
+    (True, True), (False, False), (1, True), (0, False), ("true", True), ("FALSE", False),
+    ("Yes", True), ("no", False), ("1", True), ("0", False)])
+def test_overwrite_takes_booleans_and_their_words(value, expected):
+    assert parse_flag("overwrite", value) is expected
+
+
+@pytest.mark.parametrize("value", ["banana", "", 2, 0.5, None, "off"])
+def test_overwrite_of_any_other_value_is_refused_in_one_line(value):
+    with pytest.raises(ValueError) as caught:
+        parse_flag("overwrite", value)
+    assert str(caught.value) == (f"overwrite={value!r} is not allowed; allowed: true or false "
+                                 f"(also 1/0, yes/no, any case).")
+
+
+def test_cli_settings_are_checked_before_the_checkpoint_is_read(tmp_path, monkeypatch):
+    import diffsweep.checkpoints
+
+    def never(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before the settings were checked")
+
+    monkeypatch.setattr(diffsweep.checkpoints, "load_module", never)
+    denoiser = Denoiser(UNet(**TINY), DiscreteVPSchedule())
+    export = export_pipeline(denoiser, (1, 8, 8), tmp_path / "export")
+    before = {path: path.read_bytes() for path in export.rglob("*") if path.is_file()}
+    base = [f"ckpt_path={LEGACY_CHECKPOINT}", f"out={export}"]
+    with pytest.raises(ValueError, match="overwrite='banana' is not allowed"):
+        main([*base, "overwrite=banana"])
+    with pytest.raises(FileExistsError, match="is not empty; pass overwrite=true"):
+        main([*base, "overwrite=false"])
+    with pytest.raises(FileExistsError, match="is not empty; pass overwrite=true"):
+        main(base)
+    with pytest.raises(ValueError, match="weights='best' is not allowed; allowed: ema, raw"):
+        main([*base, "weights=best"])
+    with pytest.raises(ValueError, match="pipeline='pndm' is not allowed; allowed: ddim, ddpm"):
+        main([*base, "pipeline=pndm"])
+    with pytest.raises(FileNotFoundError, match="ckpt_path=.*missing.ckpt is not a file"):
+        main([f"ckpt_path={tmp_path / 'missing.ckpt'}", f"out={tmp_path / 'new'}"])
+    with pytest.raises(FileExistsError, match="is a file"):
+        main([f"ckpt_path={LEGACY_CHECKPOINT}", f"out={LEGACY_CHECKPOINT}", "overwrite=true"])
+    assert {path: path.read_bytes() for path in export.rglob("*") if path.is_file()} == before
+
+
+def test_overwrite_is_a_boolean_in_the_api_too(tmp_path):
+    denoiser = Denoiser(UNet(**TINY), DiscreteVPSchedule())
+    export_pipeline(denoiser, (1, 8, 8), tmp_path / "export")
+    stamp = (tmp_path / "export" / "model_index.json").stat().st_mtime_ns
+    with pytest.raises(ValueError, match="overwrite='banana' is not allowed"):
+        export_pipeline(denoiser, (1, 8, 8), tmp_path / "export", overwrite="banana")
+    with pytest.raises(FileExistsError, match="overwrite=true"):  # the string "false" is false
+        export_pipeline(denoiser, (1, 8, 8), tmp_path / "export", overwrite="false")
+    assert (tmp_path / "export" / "model_index.json").stat().st_mtime_ns == stamp
+    export_pipeline(Denoiser(denoiser.net, DiscreteVPSchedule(), "sample"), (1, 8, 8),
+                    tmp_path / "export", overwrite="true")
+    assert load_pretrained(tmp_path / "export").denoiser.prediction_type == "sample"
+
+
+def test_overwrite_replaces_only_an_earlier_export(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.tex").write_text("years of work")
+    (home / "model_index.json").write_text("{}")
+    denoiser = Denoiser(UNet(**TINY), DiscreteVPSchedule())
+    with pytest.raises(FileExistsError, match=r"holds files that are not part of an export "
+                                              r"\(thesis.tex\); overwrite=true replaces only"):
+        export_pipeline(denoiser, (1, 8, 8), home, overwrite=True)
+    assert sorted(path.name for path in home.iterdir()) == ["model_index.json", "thesis.tex"]
+    assert (home / "model_index.json").read_text() == "{}"
 
 
 @pytest.mark.slow  # > 5 s: runs in .ci/run's slow step

@@ -343,6 +343,65 @@ def test_corrupt_or_mismatched_cache_is_recomputed(tmp_path, caplog, damage):
     real_stats.load_stats(path, good.key)  # rewritten file is valid again
 
 
+def _rewrite_npz(path: Path, drop: tuple[str, ...] = (), **changes: np.ndarray) -> None:
+    """Rewrite a cache file with some arrays changed or dropped, as a hand (or a script) would:
+    the recorded checksum is kept as it was."""
+    with np.load(path) as archive:
+        arrays = {name: archive[name] for name in archive.files if name not in drop}
+    arrays.update(changes)
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+@pytest.mark.parametrize("forgery", ["mean", "cov", "count", "features"])
+def test_forged_real_stats_are_detected_and_recomputed(tmp_path, caplog, forgery):
+    """Statistics forged under the right fingerprint (and finite) are never used: the FID comes
+    from recomputed real statistics, not from the forged ones."""
+    dm = ToyDataModule(_images(100))
+    ex = CountingExtractor()
+    good = load_or_compute_real_stats(dm, ex, tmp_path, features=20)
+    (path,) = tmp_path.iterdir()
+    forged = {"mean": {"mean": good.mean.numpy() + 5.0},
+              "cov": {"cov": 100.0 * good.cov.numpy()},
+              "count": {"count": np.array(10**9, dtype=np.int64)},
+              "features": {"features": np.zeros_like(good.features.numpy())}}[forgery]
+    _rewrite_npz(path, **forged)
+    ex.calls = 0
+    with caplog.at_level(logging.WARNING, logger="diffsweep.metrics.real_stats"):
+        again = load_or_compute_real_stats(dm, ex, tmp_path, features=20)
+    assert ex.calls > 0, "forged statistics were used instead of recomputed ones"
+    assert any("checksum mismatch" in r.message and str(path) in r.message
+               for r in caplog.records)
+    torch.testing.assert_close(again.mean, good.mean)
+    torch.testing.assert_close(again.cov, good.cov)
+    assert again.count == good.count and torch.equal(again.features, good.features)
+    generated = GaussianStats.from_features(ex.inner(_images(60, seed=3)).double())
+    assert generated.frechet_distance(again) == pytest.approx(generated.frechet_distance(good))
+    real_stats.load_stats(path, good.key)  # the rewritten file is valid again
+
+
+def test_real_stats_written_without_a_checksum_are_recomputed(tmp_path, caplog):
+    """Caches of the version before checksums hold the same arrays but no checksum: untrusted,
+    recomputed once (a log line says why) and rewritten with one."""
+    dm = ToyDataModule(_images(100))
+    ex = CountingExtractor()
+    good = load_or_compute_real_stats(dm, ex, tmp_path)
+    (path,) = tmp_path.iterdir()
+    _rewrite_npz(path, drop=(real_stats.CHECKSUM,))
+    with pytest.raises(ValueError, match="no checksum"):
+        real_stats.load_stats(path, good.key)
+    ex.calls = 0
+    with caplog.at_level(logging.WARNING, logger="diffsweep.metrics.real_stats"):
+        load_or_compute_real_stats(dm, ex, tmp_path)
+    assert ex.calls > 0
+    assert any("no checksum" in r.message and "recomputing" in r.message for r in caplog.records)
+    with np.load(path) as archive:
+        assert real_stats.CHECKSUM in archive.files
+    ex.calls = 0
+    load_or_compute_real_stats(dm, ex, tmp_path)
+    assert ex.calls == 0  # trusted from now on
+
+
 def test_atomic_write_leaves_no_temp_files(tmp_path, monkeypatch):
     dm = ToyDataModule(_images(60))
     stats = load_or_compute_real_stats(dm, CountingExtractor(), tmp_path)

@@ -486,3 +486,134 @@ def test_latent_dataset_pickles_without_its_memmaps(tmp_path):
     clone = pickle.loads(pickle.dumps(dataset))
     assert clone._arrays is None and torch.equal(clone.batch([1, 2])[0], x)
     assert isinstance(clone, LatentDataset)
+
+
+# -------------------------------------------------------------------------------- checksums
+def _edit_npy(path: Path, edit) -> None:
+    """Change an array file in place, keeping its size, shape, dtype and finiteness (what no
+    size or shape check can see)."""
+    array = np.load(path)
+    edit(array)
+    assert np.isfinite(array).all()
+    np.save(path, array)
+
+
+TAMPERING = {
+    "latents": ("mean.npy", lambda d: _edit_npy(d / "mean.npy", lambda a: a.__setitem__(
+        (3, 0, 0, 0), a[3, 0, 0, 0] + 1))),
+    "std": ("std.npy", lambda d: _edit_npy(d / "std.npy", lambda a: a.__imul__(2))),
+    "labels": ("labels.npy", lambda d: _edit_npy(d / "labels.npy", lambda a: a.__setitem__(
+        slice(None), 7))),
+    "manifest": ("manifest.json", lambda d: (d / "manifest.json").write_text(
+        (d / "manifest.json").read_text().replace('"count": 40', '"count": 40, "note": 1'))),
+}
+
+
+@pytest.mark.parametrize("what", sorted(TAMPERING))
+def test_a_tampered_cache_is_refused_in_one_line_or_rebuilt(tmp_path, caplog, what):
+    named, tamper = TAMPERING[what]
+    reference = first(make_source(tmp_path, sample_posterior=False), n=40)
+    (directory,) = cache_dirs(tmp_path)
+    tamper(directory)
+    with pytest.raises(CorruptLatentCacheError) as caught:
+        make_source(tmp_path).load("train")
+    message = str(caught.value)
+    assert "\n" not in message and named in message and "data.source.on_corrupt=rebuild" in message
+    assert "changed after it was written" in message
+    source = make_source(tmp_path, on_corrupt="rebuild", sample_posterior=False)
+    with caplog.at_level(logging.WARNING, logger="diffsweep.data.latents"):
+        rebuilt = first(source, n=40)
+    assert source.vae.encode_calls == 5  # re-encoded, not served
+    assert any("corrupt latent cache" in r.message and named in r.message for r in caplog.records)
+    assert torch.equal(rebuilt[0], reference[0]) and torch.equal(rebuilt[1], reference[1])
+    assert make_source(tmp_path).load("train") is not None  # valid again
+
+
+def test_a_cache_written_before_checksums_is_re_encoded(tmp_path, caplog):
+    """An earlier diffsweep's manifest (no checksums) is untrusted: re-encoded with a warning,
+    even with on_corrupt=error (nothing is corrupt, nothing proves it is not)."""
+    reference = first(make_source(tmp_path, sample_posterior=False), n=40)
+    (directory,) = cache_dirs(tmp_path)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    del manifest["checksum"]
+    for entry in manifest["files"].values():
+        del entry["sha256"]
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    _edit_npy(directory / "mean.npy", lambda a: a.__imul__(0))  # what nothing could detect
+    source = make_source(tmp_path, on_corrupt="error", sample_posterior=False)
+    with caplog.at_level(logging.WARNING, logger="diffsweep.data.latents"):
+        again = first(source, n=40)
+    assert source.vae.encode_calls == 5
+    assert any("written without checksums" in r.message and "re-encoding" in r.message
+               for r in caplog.records)
+    assert torch.equal(again[0], reference[0])
+    assert "checksum" in json.loads((directory / "manifest.json").read_text())
+
+
+def _interrupted_encode(tmp_path: Path, monkeypatch) -> Path:
+    """An encode killed after 3 committed batches (24 of 40 images); its cache directory."""
+    source = make_source(tmp_path, checkpoint_every=1)
+    real_encode = LatentVAE.encode
+    calls = {"n": 0}
+
+    def flaky(self, images):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("killed mid-way")
+        return real_encode(self, images)
+
+    monkeypatch.setattr(LatentVAE, "encode", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        source.load("train")
+    monkeypatch.setattr(LatentVAE, "encode", real_encode)
+    (directory,) = cache_dirs(tmp_path)
+    progress = json.loads((directory / "progress.json").read_text())
+    assert progress["done"] == 24 and [chunk["end"] for chunk in progress["chunks"]] == [8, 16, 24]
+    return directory
+
+
+@pytest.mark.parametrize("damage", ["rows", "no-chunks"])
+def test_a_resumed_encode_restarts_when_its_committed_rows_are_untrusted(tmp_path, monkeypatch,
+                                                                         caplog, damage):
+    directory = _interrupted_encode(tmp_path, monkeypatch)
+    if damage == "rows":  # finite, right shape: only the chunk checksum sees it
+        partial = np.load(directory / "mean.npy.partial", mmap_mode="r+")
+        partial[10] += 1
+        partial.flush()
+        del partial
+        words = "mean.npy.partial: rows 8..15 differ from their checksum"
+    else:  # progress.json of an earlier diffsweep
+        progress = json.loads((directory / "progress.json").read_text())
+        del progress["chunks"]
+        (directory / "progress.json").write_text(json.dumps(progress))
+        words = "records no chunk checksums"
+    source = make_source(tmp_path, checkpoint_every=1, sample_posterior=False)
+    with caplog.at_level(logging.WARNING, logger="diffsweep.data.latents"):
+        resumed = first(source, n=40)
+    assert source.vae.encode_calls == 5  # all 40 images again, not the 16 missing ones
+    assert any(words in r.message and "restarting encode" in r.message for r in caplog.records)
+    fresh = first(make_source(tmp_path / "fresh", sample_posterior=False), n=40)
+    assert torch.equal(resumed[0], fresh[0])
+
+
+def test_checksums_are_read_without_the_lock_and_only_rechecked_under_it(tmp_path, monkeypatch):
+    """Ranks of a node hash a large cache in parallel: the sha256 pass runs outside the cache's
+    lock; under it only the cheap checks run (unless a file turned out changed)."""
+    from diffsweep.data import latents
+    from diffsweep.files import is_locked
+
+    make_source(tmp_path).load("train")
+    source = make_source(tmp_path)
+    lock = source.cache("train").lock_path
+    locked_while_hashing = []
+    real_hash = latents.read_file_sha256
+
+    def spying(path):
+        locked_while_hashing.append(is_locked(lock))
+        return real_hash(path)
+
+    monkeypatch.setattr(latents, "read_file_sha256", spying)
+    source.load("train")
+    assert locked_while_hashing == [False, False, False]  # mean, std, labels: once each
+    assert source.vae.encode_calls == 0
+

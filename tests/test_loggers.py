@@ -295,3 +295,83 @@ def test_training_run_logs_names_config_and_one_final_grid(train_config):
     assert "final/val/loss" in found["metrics"] and found["hparams"]["model/base_channels"] == 32
     final = _event_accumulator(run_dir / "tensorboard").Scalars("final/val/loss")
     assert [(e.step, e.value) for e in final] == [(4, pytest.approx(metrics["val/loss"]))]
+
+
+# ------------------------------------------------------------ history in step with checkpoints
+def test_csv_history_resumed_from_a_checkpoint_keeps_its_steps_and_logs_the_later_ones_once(
+        tmp_path):
+    """A resumed run's CSV logger keeps the rows through the checkpoint's logging step (5), drops
+    the later ones (logged with weights that were lost) and writes each re-logged step once; a
+    run from scratch drops every row."""
+    first = loggers.ResumableCSVLogger(tmp_path, name="csv", version="")
+    for step in range(9):
+        first.log_metrics({"train/loss": 1.0 + step, "epoch": 0}, step=step)
+    first.log_metrics({"val/loss": 0.5, "epoch": 0}, step=4)
+    first.log_metrics({"val/loss": 0.7, "epoch": 0}, step=7)
+    path = tmp_path / "csv" / "metrics.csv"
+    resumed = loggers.ResumableCSVLogger(tmp_path, name="csv", version="")
+    resumed.drop_history_after(5)
+    assert sorted({int(row["step"]) for row in _csv_rows(path)}) == [0, 1, 2, 3, 4, 5]
+    resumed.log_metrics({"val/loss": 9.0, "epoch": 0}, step=4)  # a re-run validation: kept once
+    for step in range(6, 9):
+        resumed.log_metrics({"train/loss": 100.0 + step, "epoch": 1}, step=step)
+    resumed.log_metrics({"val/loss": 0.25, "epoch": 1}, step=7)
+    resumed.finalize("success")
+    rows = _csv_rows(path)
+    pairs = _pairs(rows)
+    assert len(pairs) == len(set(pairs))
+    loss = {int(r["step"]): float(r["train/loss"]) for r in rows if r["train/loss"]}
+    assert loss == {**{step: 1.0 + step for step in range(6)},
+                    **{step: 100.0 + step for step in range(6, 9)}}
+    assert {int(r["step"]): float(r["val/loss"]) for r in rows if r["val/loss"]} == {4: 0.5,
+                                                                                       7: 0.25}
+    assert all(row["epoch"] for row in rows)
+    scratch = loggers.ResumableCSVLogger(tmp_path, name="csv", version="")
+    scratch.drop_history_after(-1)
+    assert _csv_rows(path) == [] and not list(path.parent.glob("*.partial"))
+
+
+def test_a_step_logged_before_a_checkpoint_and_again_by_lightning_is_written_once(tmp_path):
+    """CheckpointedHistory logs a step's training metrics before the checkpoint; Lightning's own
+    call after it writes nothing; the step's validation row still gets its epoch."""
+    logger = loggers.ResumableCSVLogger(tmp_path, name="csv", version="")
+    logger.log_metrics({"train/loss": 0.5, "epoch": 0}, step=3)
+    logger.persist()  # what the checkpoint write waits for
+    assert [row["train/loss"] for row in _csv_rows(tmp_path / "csv" / "metrics.csv")] == ["0.5"]
+    logger.log_metrics({"train/loss": 0.5, "epoch": 0}, step=3)  # Lightning, after the hook
+    logger.log_metrics({"val/loss": 0.7, "epoch": 0}, step=3)
+    logger.log_metrics({"train/loss": 0.4, "epoch": 1}, step=4)
+    logger.log_metrics({"train/loss": 0.9, "epoch": 1}, step=3)  # an older step: not tracked
+    logger.finalize("success")
+    rows = [(row["step"], row["epoch"], row["train/loss"], row["val/loss"])
+            for row in _csv_rows(tmp_path / "csv" / "metrics.csv")]
+    assert rows == [("3", "0", "0.5", ""), ("3", "0", "", "0.7"), ("4", "1", "0.4", ""),
+                    ("3", "1", "0.9", "")]
+
+
+def test_wandb_steps_a_killed_attempt_did_not_write_are_logged_again_from_the_journal(tmp_path):
+    """A kill leaves W&B's transaction log without the last seconds (its service writes it every
+    flush_interval_s); the journal written before each checkpoint brings them back, once."""
+    import wandb
+
+    first = loggers.wandb_logger(mode="offline", save_dir=str(tmp_path), project="p")
+    run_id = first._wandb_init["id"]
+    for step in range(4):
+        first.log_metrics({"train/loss": float(step), "epoch": 0}, step=step)
+    first.persist()  # before the checkpoint of step 3
+    first.log_metrics({"train/loss": 4.0, "epoch": 0}, step=4)  # after it: lost with the weights
+    wandb.finish()
+    (killed_log,) = loggers.wandb_transaction_logs(tmp_path, run_id)
+    killed_log.write_bytes(killed_log.read_bytes()[:7])  # what SIGKILL left: the header only
+    second = loggers.wandb_logger(mode="offline", save_dir=str(tmp_path), project="p")
+    assert second._logged_before == {}
+    second.drop_history_after(3)
+    for step in range(3, 6):
+        second.log_metrics({"train/loss": 10.0 + step, "epoch": 1}, step=step)
+    wandb.finish()
+    history = [row for path in loggers.wandb_transaction_logs(tmp_path, run_id)
+               for row in loggers.wandb_history(path)]
+    loss = [(row["trainer/global_step"], row["train/loss"]) for row in history
+            if "train/loss" in row]
+    assert sorted(loss) == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0)]
+    assert all(row.get("epoch") is not None for row in history if "train/loss" in row)

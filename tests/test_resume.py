@@ -137,3 +137,33 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(train_c
     assert checkpoint.is_file()
     state = torch.load(checkpoint, weights_only=False)["state_dict"]
     assert all(torch.isfinite(value).all() for value in state.values())
+
+
+def test_a_checkpoint_of_the_last_step_of_an_unfinished_run_resumes_from_the_one_before(
+        tmp_path):
+    """Killed after its last checkpoint (in the final validation, grid or FID): resumed there,
+    Lightning would end at once and none of those would run; the run resumes from the
+    checkpoint before and ends once. Anything else resumes from the newest checkpoint."""
+    from omegaconf import OmegaConf
+
+    from diffsweep.resume import find_resume_point, newest_checkpoint_before
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for step in (8, 10, 12):
+        torch.save({"loops": {}, "global_step": step, "state_dict": {}},
+                   folder / f"step_{step:07d}.ckpt")
+    torch.save({"global_step": 11}, folder / "weights_only.ckpt")  # not a resume point
+    (folder / "last.ckpt").write_bytes(b"cut short by the kill")  # unreadable: skipped
+
+    def resume_point(max_steps):
+        cfg = OmegaConf.create({"trainer": {"max_steps": max_steps}, "resume": "auto",
+                                "ckpt_path": None,
+                                "callbacks": {"model_checkpoint": {"dirpath": str(folder)}}})
+        return Path(find_resume_point(cfg, tmp_path).ckpt_path).name
+
+    assert newest_checkpoint_before(folder, 12) == folder / "step_0000010.ckpt"
+    assert newest_checkpoint_before(folder, 8) is None
+    assert resume_point(12) == "step_0000010.ckpt"
+    assert resume_point(20) == "step_0000012.ckpt"  # a longer run: continues from its newest
+    assert resume_point(-1) == "step_0000012.ckpt"

@@ -6,17 +6,21 @@ Epochs here are 4 optimizer steps (36 training images in batches of 8, or
 last batch of epoch 0 and has a checkpoint, the case that used to skip a whole epoch (or the first
 4 batches of epoch 1) of data on resume.
 
-The fast tests kill in-process by raising at a chosen point; the slow one kills a ``train.py``
-process with SIGKILL (and once SIGTERM) at many points and reruns the plain command.
+The fast tests kill in-process by raising at a chosen point; the slow ones kill a ``train.py``
+process with SIGKILL (and once SIGTERM) at many points, or as soon as a checkpoint or a sample grid
+appears, and rerun the plain command. With the CSV logger, ``csv/metrics.csv`` then holds the
+uninterrupted run's rows, each (step, metric) once.
 """
 
 from __future__ import annotations
 
+import csv
 import os
 import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -43,6 +47,10 @@ TINY = [
 #: The two ways an epoch is 4 steps: a 36-image training split, or Lightning's batch limit.
 SMALL_SPLIT = ["data.source.val_fraction=0.98"]
 LIMITED = ["++trainer.limit_train_batches=4"]
+#: TINY with the CSV history and a 4-image sample grid at each validation (steps 4, 8 and 12).
+LOGGED = [*(override for override in TINY
+            if override not in ("~callbacks.sample_grid", "logger=none")),
+          "logger=csv", "callbacks.sample_grid.num_samples=4"]
 
 
 class _Killed(Exception):
@@ -108,8 +116,30 @@ def assert_same_weights(reference: Path, resumed: Path) -> None:
             assert torch.equal(value, got[kind][name]), (kind, name)
 
 
-def _train(run_dir: Path, overrides: list[str], monkeypatch=None, kill: L.Callback | None = None):
-    cfg = compose_config("train", [*TINY, *overrides], run_dir)
+def history_rows(run_dir: Path) -> list[dict[str, str]]:
+    """The rows of ``<run dir>/csv/metrics.csv``."""
+    with open(run_dir / "csv" / "metrics.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def assert_same_history(reference: Path, resumed: Path) -> None:
+    """``metrics.csv`` holds the uninterrupted run's rows (values included), each (step, metric)
+    once: no gap, no repeat."""
+    rows = history_rows(resumed)
+    pairs = [(row["step"], key) for row in rows for key, value in row.items()
+             if value and key not in ("step", "epoch")]
+    assert len(pairs) == len(set(pairs)), sorted(pairs)
+
+    def table(found: list[dict[str, str]]) -> list[tuple[tuple[str, str], ...]]:
+        return sorted(tuple(sorted((key, value) for key, value in row.items() if value))
+                      for row in found)
+
+    assert table(rows) == table(history_rows(reference))
+
+
+def _train(run_dir: Path, overrides: list[str], monkeypatch=None, kill: L.Callback | None = None,
+           base: list[str] = TINY):
+    cfg = compose_config("train", [*base, *overrides], run_dir)
     if kill is None:
         return train_module.run(cfg)
     build_callbacks = train_module.build_callbacks
@@ -161,6 +191,36 @@ def test_killed_right_after_a_checkpoint_write_resumes_from_it(tmp_path, monkeyp
     assert read_done(killed)["global_step"] == STEPS
 
 
+def test_killed_right_after_a_checkpoint_write_keeps_every_logged_step_once(tmp_path, monkeypatch,
+                                                                            single_thread):
+    """Killed right after step_0000004.ckpt (the last batch of epoch 0, validated after the
+    checkpoint): the loss of that batch was logged and fsynced before the checkpoint, and the
+    rerun runs the validation of step 4 (grid and val/loss) that the kill cut off."""
+    reference = tmp_path / "reference"
+    _train(reference, LIMITED, base=LOGGED)
+    save = AtomicCheckpointIO.save_checkpoint
+    logged_at_save = []
+
+    def save_then_die(self, checkpoint, path, storage_options=None):
+        logged_at_save.append(sorted({row["step"] for row in history_rows(killed)}))
+        save(self, checkpoint, path, storage_options)
+        if Path(path).name == "step_0000004.ckpt":
+            raise _Killed("killed after writing step 4")
+
+    killed = tmp_path / "killed"
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        _train(killed, LIMITED, base=LOGGED)
+    monkeypatch.undo()
+    assert logged_at_save == [["0", "1"], ["0", "1"], ["0", "1", "2", "3"]]  # through the step
+    assert not (killed / "samples" / "step_0000004.png").exists()
+    _train(killed, LIMITED, base=LOGGED)
+    assert_same_weights(reference, killed)
+    assert_same_history(reference, killed)
+    assert (killed / "samples" / "step_0000004.png").read_bytes() == (
+        reference / "samples" / "step_0000004.png").read_bytes()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("epochs", ["small_split", "limited"])
 def test_every_kill_point_in_process_resumes_to_the_same_weights(tmp_path, monkeypatch,
@@ -197,15 +257,25 @@ def test_every_kill_point_in_process_resumes_to_the_same_weights(tmp_path, monke
 
 #: ``python -c`` program: ``train.py`` with a kill planted at ``point`` (``step N``: SIGKILL in
 #: training step N; ``after-save N``: right after step_N.ckpt is written; ``mid-save N``: while
-#: step_N.ckpt is half written; ``sigterm N``: SIGTERM in step N, which saves and stops).
+#: step_N.ckpt is half written; ``sigterm N``: SIGTERM in step N, which saves and stops;
+#: ``after-grid N``: right after samples/step_N.png is written, before the validation's metrics).
 KILL_HARNESS = r"""
 import os, runpy, signal, sys
 point, value = sys.argv[1], int(sys.argv[2])
 sys.argv = [sys.argv[3], *sys.argv[4:]]
 from diffsweep import files
+from diffsweep.callbacks import samples
 from diffsweep.checkpoints import AtomicCheckpointIO
 from diffsweep.module import DiffusionModule
-if point in ("step", "sigterm"):
+if point == "after-grid":
+    save_grid = samples.save_grid
+    def dying_grid(images, path, nrow=None):
+        written = save_grid(images, path, nrow)
+        if os.path.basename(str(path)) == f"step_{value:07d}.png":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return written
+    samples.save_grid = dying_grid
+elif point in ("step", "sigterm"):
     training_step = DiffusionModule.training_step
     def dying_step(self, batch, batch_idx):
         if self.global_step == value:
@@ -236,20 +306,21 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _command(overrides: list[str], run_dir: Path | None) -> list[str]:
-    return [*TINY, *overrides, *([f"hydra.run.dir={run_dir}"] if run_dir else [])]
+def _command(overrides: list[str], run_dir: Path | None, base: list[str] = TINY) -> list[str]:
+    return [*base, *overrides, *([f"hydra.run.dir={run_dir}"] if run_dir else [])]
 
 
 def _killed_process(cwd: Path, point: str, value: int, overrides: list[str],
-                    run_dir: Path | None) -> subprocess.CompletedProcess:
+                    run_dir: Path | None, base: list[str] = TINY) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", KILL_HARNESS, point, str(value),
-                           str(REPO / "train.py"), *_command(overrides, run_dir)],
+                           str(REPO / "train.py"), *_command(overrides, run_dir, base)],
                           cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
 
 
-def _plain_process(cwd: Path, overrides: list[str],
-                   run_dir: Path | None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *_command(overrides, run_dir)],
+def _plain_process(cwd: Path, overrides: list[str], run_dir: Path | None,
+                   base: list[str] = TINY) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "train.py"),
+                           *_command(overrides, run_dir, base)],
                           cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
 
 
@@ -289,3 +360,57 @@ def test_sigkill_at_random_steps_then_the_same_command_ends_with_the_same_weight
         assert read_status(found)["status"] == "finished" and read_done(found) is not None
         assert not list(found.rglob("*.partial")), kills
         assert_same_weights(reference, found)
+
+
+def _killed_when_file_appears(cwd: Path, relative: str, overrides: list[str], run_dir: Path,
+                              base: list[str] = TINY) -> int:
+    """Start the plain ``train.py`` command, SIGKILL it as soon as ``<run dir>/<relative>``
+    exists (polled every millisecond); returns the exit status."""
+    target = run_dir / relative
+    with open(cwd / "killed.log", "w") as output:
+        process = subprocess.Popen([sys.executable, str(REPO / "train.py"),
+                                    *_command(overrides, run_dir, base)],
+                                   cwd=cwd, env=_env(), stdout=output, stderr=output)
+        deadline = time.monotonic() + 300
+        while not target.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                process.wait()
+                raise AssertionError(f"{target} never appeared: "
+                                     f"{(cwd / 'killed.log').read_text()[-3000:]}")
+            time.sleep(0.001)
+        process.send_signal(signal.SIGKILL)
+        return process.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_sigkill_right_after_a_checkpoint_or_a_grid_appears_keeps_every_logged_step_once(
+        tmp_path):
+    """SIGKILL as soon as a checkpoint or a sample grid appears (polled from outside), and right
+    after the last step's checkpoint and right after a grid (planted), then the same command:
+    the weights are the uninterrupted run's bit for bit and csv/metrics.csv holds its rows, each
+    (step, metric) once."""
+    overrides = LIMITED
+    reference = tmp_path / "reference"
+    result = _plain_process(tmp_path, overrides, reference, base=LOGGED)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cases = [("appears", "checkpoints/step_0000004.ckpt"), ("appears", "samples/step_0000008.png"),
+             ("after-save", 12), ("after-grid", 4)]
+    for number, (point, value) in enumerate(cases):
+        cwd = tmp_path / f"case_{number}"
+        cwd.mkdir()
+        run_dir = cwd / "run"
+        if point == "appears":
+            status = _killed_when_file_appears(cwd, str(value), overrides, run_dir, LOGGED)
+        else:
+            status = _killed_process(cwd, point, int(value), overrides, run_dir,
+                                     LOGGED).returncode
+        assert status == -signal.SIGKILL, (point, value, status)
+        assert read_status(run_dir)["status"] == "running", (point, value)
+        result = _plain_process(cwd, overrides, run_dir, base=LOGGED)
+        assert result.returncode == 0, (point, value, result.stderr[-3000:])
+        assert read_status(run_dir)["status"] == "finished" and read_done(run_dir) is not None
+        assert_same_weights(reference, run_dir)
+        assert_same_history(reference, run_dir)
+        assert (run_dir / "samples" / "final.png").read_bytes() == (
+            reference / "samples" / "final.png").read_bytes(), (point, value)

@@ -57,6 +57,7 @@ def test_kill_and_rerun_continues_one_wandb_run_and_keeps_every_step_once(tmp_pa
                "callbacks.model_checkpoint.every_n_train_steps=2", "lr_schedule.warmup_steps=0",
                "logger.wandb.flush_interval_s=0.2",
                "+callbacks.kill._target_=tests.test_reviewing_resume.KillAtStep",
+               "trusted_targets=[tests.test_reviewing_resume.KillAtStep]",
                "+callbacks.kill.step=5", f"+callbacks.kill.marker={tmp_path / 'killed'}"]
     killed = run_entry_point("train.py", *command, cwd=tmp_path)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from diffsweep.analytic import GaussianMixture, mmd_to_mixture, rms_error
-from diffsweep.grids import sigma_grid
+from diffsweep.grids import karras_sigmas, sigma_grid
 from diffsweep.samplers import SAMPLERS
 from diffsweep.schedules import DiscreteVPSchedule, EDMSchedule, NoiseSchedule
 
@@ -51,7 +51,7 @@ def _require(name: str) -> None:
         pytest.skip(f"sampler {name!r} is not registered in diffsweep.samplers.SAMPLERS yet")
 
 
-_REFERENCES: dict[tuple[str, float], tuple[torch.Tensor, torch.Tensor]] = {}
+_REFERENCES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _start_and_reference(sigma_start: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,6 +162,41 @@ def test_orders_are_distinguishable() -> None:
         assert errors["dpmpp_2m"] < errors["euler"] / 5
     if "unipc_order3" in errors:
         assert errors["unipc_order3"] < errors["dpmpp_2m"] / 10
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_unipc_final_corrector_keeps_the_order_on_a_repeated_final_sigma(order: int) -> None:
+    """A karras grid ending at sigma_end > 0 with that value repeated (diffusers'
+    ``final_sigmas_type="sigma_min"``): the zero-length last step evaluates x0 there and corrects
+    the step before, so the sample at sigma_end converges to the exact ODE solution there at
+    order p + 1 (measured 3.07 / 4.03). Without the repeat the last step stays an uncorrected
+    UniP-1 step: order 3 then measures 2.36, below 3."""
+    sigma_end, sigma_start = 0.05, ORDER_SCHEDULE.sigma_max
+    key = ("mixture", sigma_start, sigma_end)
+    if key not in _REFERENCES:
+        x_start = MIXTURE.sample(BATCH, torch.Generator().manual_seed(0), sigma=sigma_start)
+        _REFERENCES[key] = x_start, MIXTURE.probability_flow(x_start, sigma_start, sigma_end)
+    x_start, reference = _REFERENCES[key]
+    step_counts = HIGH
+
+    def fitted_order(repeat: bool) -> tuple[float, list[float]]:
+        errors = []
+        for num_steps in step_counts:
+            sigmas = karras_sigmas(sigma_end, sigma_start, num_steps + 1 - repeat)
+            if repeat:
+                sigmas = torch.cat([sigmas, sigmas[-1:]])
+            output = SAMPLERS["unipc"].fn(MIXTURE, x_start.clone(), sigmas, order=order)
+            errors.append(rms_error(output, reference))
+        log_n = torch.tensor(step_counts, dtype=torch.float64).log()
+        log_e = torch.tensor(errors, dtype=torch.float64).log()
+        centred = log_n - log_n.mean()
+        return -float((centred * (log_e - log_e.mean())).sum() / centred.pow(2).sum()), errors
+
+    measured, errors = fitted_order(repeat=True)
+    assert order + 1 - 0.3 <= measured <= order + 1 + 0.5, f"order {measured:.2f}, {errors}"
+    if order == 3:
+        uncorrected, errors = fitted_order(repeat=False)
+        assert uncorrected < 3.0, f"order {uncorrected:.2f}, {errors}"
 
 
 # --------------------------------------------------------------------------- stochastic

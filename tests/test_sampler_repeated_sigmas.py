@@ -1,12 +1,15 @@
-"""Grids with repeated sigma~ values: every sampler skips the zero-length step.
+"""Grids with repeated sigma~ values: zero-length steps are skipped, except UniPC's final one.
 
 A repeated value ``(s, s)`` is a step of length 0. Euler/DDIM/Heun would spend a network call to
 stay put, and DPM-Solver++ (2M, 2M SDE), UniPC and LMS divide by the step length (a
-ZeroDivisionError or NaN before; diffusers 0.42's schedulers return NaN on such grids). The
-contract tested here: a grid with repeats samples bitwise as the grid with the repeats removed,
-with the same network calls and the same noise draws; a grid of one repeated value is the
-identity with no network call. Grids that increase, hold a negative or non-finite value, or are
-not 1-D are refused before any network call.
+ZeroDivisionError or NaN before). The contract tested here: a grid with repeats samples bitwise
+as the grid with the repeats removed, with the same network calls and the same noise draws; a
+grid of one repeated value is the identity with no network call. The one exception: a grid that
+ends in a repeated value ``s > 0`` (diffusers' ``final_sigmas_type="sigma_min"``) makes UniPC
+evaluate the net at ``s`` and correct its last step, once, as diffusers does
+(tests/test_samplers_conformance.py compares every sampler with diffusers on such grids).
+``nfe_on`` counts the calls made on every grid. Grids that increase, hold a negative or
+non-finite value, or are not 1-D are refused before any network call.
 """
 
 from __future__ import annotations
@@ -82,6 +85,48 @@ def test_repeated_sigma_samples_as_the_grid_without_it(name, options, positions)
     assert torch.equal(got, expected)
     assert calls == expected_calls  # same network calls, none spent on a zero-length step
     assert float((got - _start()).abs().max()) > 1.0  # it did sample
+
+
+#: A grid that stops short of 0: 8 values ending at sigma~ = 0.01 (diffusers' sigma_min grids).
+POSITIVE_END = BASE[:-1]
+
+
+@pytest.mark.parametrize("name,options", CASES, ids=CASE_IDS)
+def test_repeated_final_positive_sigma_is_skipped_except_by_unipc(name, options):
+    """Every sampler but UniPC: bitwise the grid without the repeat. UniPC: one more call, at the
+    repeated sigma, whose corrector changes the result (tests/test_sampler_order.py: it completes
+    the last step's order)."""
+    assert float(POSITIVE_END[-1]) > 0
+    expected, expected_calls = _run(name, options, POSITIVE_END)
+    got, calls = _run(name, options, _with_repeats(POSITIVE_END, [7]))
+    assert torch.isfinite(got).all()
+    if name == "unipc":
+        assert calls == expected_calls + [float(POSITIVE_END[-1])]
+        assert float((got - expected).abs().max()) > 1e-4
+    else:
+        assert torch.equal(got, expected) and calls == expected_calls
+
+
+@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize("positions", [[7, 7], [0, 3, 7], [2, 2, 7, 7, 7]],
+                         ids=["twice", "mid-and-final", "several"])
+def test_unipc_final_corrector_is_applied_once(order, positions):
+    """Mid-grid repeats change nothing and further repeats of the final value call nothing: the
+    result and the calls are those of one final repeat."""
+    expected, expected_calls = _run("unipc", {"order": order}, _with_repeats(POSITIVE_END, [7]))
+    got, calls = _run("unipc", {"order": order}, _with_repeats(POSITIVE_END, positions))
+    assert torch.equal(got, expected) and calls == expected_calls
+
+
+@pytest.mark.parametrize("name,options", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("grid", [BASE, _with_repeats(BASE, [0, 3, 3, 7, 8]), POSITIVE_END,
+                                  _with_repeats(POSITIVE_END, [2, 7]),
+                                  torch.tensor([3.0, 3.0], dtype=torch.float64)],
+                         ids=["base", "repeats", "positive-end", "positive-end-repeats",
+                              "zero-length"])
+def test_nfe_on_counts_the_calls_made(name, options, grid):
+    _, calls = _run(name, options, grid)
+    assert SAMPLERS[name].nfe_on(grid, options) == len(calls)
 
 
 @pytest.mark.parametrize("name,options", CASES, ids=CASE_IDS)

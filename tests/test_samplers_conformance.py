@@ -18,6 +18,10 @@ How the two sides are lined up (none of this is a difference in the math):
   drop the last; our ``leading``/``linspace`` are DDIM's. We compare them on ``trailing`` (identical
   in all schedulers) and via custom timesteps. DDIM steps to ``t - N // n``, which equals the next
   grid point only when n divides N: DDIM conformance uses such n.
+- Grids that end above 0 (diffusers' ``final_sigmas_type="sigma_min"``, whose last sigma is
+  repeated): the samplers return the sample at that sigma~, x~ for us and the Euler family, and
+  diffusers' x-space schedulers ``x_t = x~ / sqrt(1 + sigma~^2)`` (:func:`_x_space`). The
+  zero-length steps section at the end compares every sampler diffusers defines one for.
 
 Deliberate differences from diffusers (not exercised by the asserts):
 
@@ -81,9 +85,16 @@ def _diffusers_loop(scheduler, net: nn.Module, sample: torch.Tensor, **step_kwar
 
 
 def _ours(method: str, schedule, sigmas: torch.Tensor, x_T: torch.Tensor, net: nn.Module,
-          **options) -> torch.Tensor:
+          prediction_type: str = "epsilon", **options) -> torch.Tensor:
+    """Our sample ``x~`` at ``sigmas[-1]`` (x0 when the grid ends at 0), from x-space ``x_T``."""
     x = x_T.to(torch.float64) * math.sqrt(1 + float(sigmas[0]) ** 2)
-    return SAMPLERS[method].fn(Denoiser(net, schedule), x, sigmas, **options).to(torch.float32)
+    denoiser = Denoiser(net, schedule, prediction_type)
+    return SAMPLERS[method].fn(denoiser, x, sigmas, **options).to(torch.float32)
+
+
+def _x_space(x_tilde: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``x_t = alpha x~`` at sigma~ = ``sigma`` (VP): what diffusers' x-space schedulers return."""
+    return x_tilde / math.sqrt(1 + sigma**2)
 
 
 def _sched_kwargs(beta_schedule: str) -> dict:
@@ -311,10 +322,14 @@ class DummyModel(nn.Module):
         return x * t / (t + 1)
 
 
-def _dummy_sample_deter() -> torch.Tensor:
-    """diffusers' ``SchedulerCommonTest.dummy_sample_deter``: (4, 3, 8, 8) ramps in [0, 1)."""
-    num_elems = 4 * 3 * 8 * 8
-    return (torch.arange(num_elems).reshape(3, 8, 8, 4) / num_elems).permute(3, 0, 1, 2)
+def _dummy_sample_deter(shape: tuple[int, ...] = (4, 3, 8, 8)) -> torch.Tensor:
+    """diffusers' ``SchedulerCommonTest.dummy_sample_deter``: ramps in [0, 1), batch first.
+
+    (4, 3, 8, 8) is the common one; (4, 3, 8) is ``UniPCMultistepScheduler1DTest``'s.
+    """
+    num_elems = math.prod(shape)
+    ramps = torch.arange(num_elems).reshape(*shape[1:], shape[0]) / num_elems
+    return ramps.permute(len(shape) - 1, *range(len(shape) - 1))
 
 
 def _diffusers_ddim_loop(scheduler, net: nn.Module, sample: torch.Tensor, **step_kwargs):
@@ -409,3 +424,157 @@ def test_x0_clipping_matches_diffusers(method, options):
         assert _max_diff(ours(use_clipped_model_output=False), got) > 1e-3
     if options.get("thresholding"):  # s > 1 somewhere: not plain clipping to [-1, 1]
         assert _max_diff(ours(thresholding=False, clip_sample=True), got) > 1e-3
+
+
+# ----------------------------------------------------------------------------- zero-length steps
+#
+# A grid whose last sigma is repeated, so its final step has zero length. diffusers builds one with
+# ``use_karras_sigmas=True, final_sigmas_type="sigma_min"`` (Euler, DPM-Solver++, UniPC) and from
+# repeated custom timesteps (Heun, whose step to 0 then follows); Euler ancestral's and LMS's API
+# never builds one, so their grid is set by hand (``scheduler.sigmas``). Every sampler but UniPC
+# skips the step (diffusers evaluates the net there and moves by zero: the same sample); UniPC
+# evaluates the net at the repeated sigma and applies its corrector, as diffusers does.
+#
+# diffusers rounds karras timesteps (DPM-Solver++, UniPC) or interpolates them in log sigma
+# (Euler); ours come from ``t_of_sigma``. The net sees ``round(t)`` on both sides
+# (:class:`RoundedTimeNet`) and each test checks that both asked for the same t's.
+
+
+class RoundedTimeNet(nn.Module):
+    """``net(x, round(t))``, recording each call's rounded t."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.timesteps: list[float] = []
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float32).round()
+        self.timesteps.append(float(t.reshape(-1)[0]))
+        return self.net(x, t)
+
+
+#: diffusers' tests/schedulers/test_scheduler_unipc.py, ``test_full_loop_with_karras`` and
+#: ``test_full_loop_with_karras_and_v_prediction`` (linear betas, bh2, order 2, 10 steps,
+#: ``final_sigmas_type="sigma_min"``, ``dummy_model`` from ``dummy_sample_deter``, no noise):
+#: ``mean(|sample|)`` for UniPCMultistepSchedulerTest (4, 3, 8, 8) and its 1-D variant (4, 3, 8),
+#: asserted to 1e-3.
+UNIPC_KARRAS_REFERENCE = {
+    ((4, 3, 8, 8), "epsilon"): 0.2925,
+    ((4, 3, 8, 8), "v_prediction"): 0.1966,
+    ((4, 3, 8), "epsilon"): 0.2898,
+    ((4, 3, 8), "v_prediction"): 0.1944,
+}
+
+
+@pytest.mark.parametrize("shape,prediction_type", list(UNIPC_KARRAS_REFERENCE),
+                         ids=[f"{len(shape) - 2}d-{prediction}"
+                              for shape, prediction in UNIPC_KARRAS_REFERENCE])
+def test_unipc_karras_sigma_min_full_loop_reproduces_diffusers_reference(shape, prediction_type):
+    """Our UniPC on diffusers' grid (its last sigma repeated) gives diffusers' asserted numbers:
+    the net is evaluated at the repeated sigma and corrects the last step (10 calls)."""
+    ref = diffusers.UniPCMultistepScheduler(beta_schedule="linear", solver_order=2,
+                                            solver_type="bh2", final_sigmas_type="sigma_min",
+                                            use_karras_sigmas=True,
+                                            prediction_type=prediction_type)
+    ref.set_timesteps(10)
+    expected = _diffusers_loop(ref, DummyModel(), _dummy_sample_deter(shape))
+    sigmas = ref.sigmas.to(torch.float64)
+    assert sigmas[-1] == sigmas[-2] > 0  # the final step has zero length
+    schedule, net = _schedule("linear"), RoundedTimeNet(DummyModel())
+
+    def ours(grid: torch.Tensor, model: nn.Module) -> torch.Tensor:
+        return _x_space(_ours("unipc", schedule, grid, _dummy_sample_deter(shape), model,
+                              prediction_type), float(grid[-1]))
+
+    got = ours(sigmas, net)
+    reference = UNIPC_KARRAS_REFERENCE[shape, prediction_type]
+    assert abs(got.abs().mean().item() - reference) < 1e-3
+    assert _max_diff(got, expected) < ATOL
+    assert net.timesteps == ref.timesteps.tolist()
+    assert SAMPLERS["unipc"].nfe_on(sigmas) == len(net.timesteps) == 10
+    # Skipping the zero-length step (no final corrector) misses diffusers' number by ~2e-2.
+    skipped = ours(sigmas[:-1], RoundedTimeNet(DummyModel()))
+    assert abs(skipped.abs().mean().item() - reference) > 1e-2
+
+
+def _karras_sigma_min(scheduler_class, num_steps: int, **kwargs):
+    scheduler = scheduler_class(**_sched_kwargs("scaled_linear"), use_karras_sigmas=True,
+                                final_sigmas_type="sigma_min", **kwargs)
+    scheduler.set_timesteps(num_steps)
+    return scheduler, scheduler.sigmas.to(torch.float64)
+
+
+def _heun_repeated_timestep():
+    """Custom timesteps ending 100, 100: diffusers' Heun grid s999 .. s100, s100, 0 (its
+    ``sigmas`` hold each inner value twice, one per stage; our grid once)."""
+    scheduler = diffusers.HeunDiscreteScheduler(**_sched_kwargs("scaled_linear"))
+    scheduler.set_timesteps(timesteps=[999, 700, 400, 100, 100])
+    stages = scheduler.sigmas
+    return scheduler, torch.cat([stages[:1], stages[1:-1:2], stages[-1:]]).to(torch.float64)
+
+
+def _last_sigma_repeated_by_hand(scheduler_class):
+    """The 10-step trailing grid with its final 0 replaced by a repeat of the last sigma."""
+    scheduler = scheduler_class(**_sched_kwargs("scaled_linear"), timestep_spacing="trailing")
+    scheduler.set_timesteps(10)
+    scheduler.sigmas = torch.cat([scheduler.sigmas[:-1], scheduler.sigmas[-2:-1]])
+    return scheduler, scheduler.sigmas.to(torch.float64)
+
+
+#: (id, method, options, diffusers scheduler and its grid, x-space scheduler, generator seed,
+#: evaluations diffusers spends on the zero-length step beyond ours).
+REPEATED_FINAL_SIGMA = [
+    ("euler", "euler", {},
+     lambda: _karras_sigma_min(diffusers.EulerDiscreteScheduler, 10), False, None, 1),
+    ("heun", "heun", {}, _heun_repeated_timestep, False, None, 2),
+    ("lms", "lms", {},
+     lambda: _last_sigma_repeated_by_hand(diffusers.LMSDiscreteScheduler), False, None, 1),
+    ("euler_ancestral", "euler_ancestral", {},
+     lambda: _last_sigma_repeated_by_hand(diffusers.EulerAncestralDiscreteScheduler), False, 3, 1),
+    ("dpmpp_2m-10", "dpmpp_2m", {},  # < 15 steps: the zero-length step is first order
+     lambda: _karras_sigma_min(diffusers.DPMSolverMultistepScheduler, 10), True, None, 1),
+    ("dpmpp_2m-16", "dpmpp_2m", {},  # >= 15 steps: second order over h = 0
+     lambda: _karras_sigma_min(diffusers.DPMSolverMultistepScheduler, 16), True, None, 1),
+    ("dpmpp_2m_sde", "dpmpp_2m_sde", {},
+     lambda: _karras_sigma_min(diffusers.DPMSolverMultistepScheduler, 10,
+                               algorithm_type="sde-dpmsolver++"), True, 11, 1),
+    ("unipc-order2", "unipc", {"order": 2},
+     lambda: _karras_sigma_min(diffusers.UniPCMultistepScheduler, 10), True, None, 0),
+    ("unipc-order3", "unipc", {"order": 3},
+     lambda: _karras_sigma_min(diffusers.UniPCMultistepScheduler, 10, solver_order=3),
+     True, None, 0),
+]
+
+
+@pytest.mark.parametrize("method,options,build,x_space,seed,wasted",
+                         [case[1:] for case in REPEATED_FINAL_SIGMA],
+                         ids=[case[0] for case in REPEATED_FINAL_SIGMA])
+def test_repeated_final_sigma_matches_diffusers(method, options, build, x_space, seed, wasted):
+    """Same sample as diffusers' loop on its grid with a zero-length step; our calls are diffusers'
+    less the ``wasted`` ones it makes on that step (none for UniPC), and ``nfe_on`` counts them."""
+    ref, sigmas = build()
+    assert len(torch.unique(sigmas)) < len(sigmas), "the grid repeats a value"
+    net, x_T = RoundedTimeNet(FixedNet()), _x_T(10)
+    start = x_T if x_space else x_T * math.sqrt(1 + float(sigmas[0]) ** 2)
+
+    def generator() -> dict:
+        return {} if seed is None else {"generator": torch.Generator().manual_seed(seed)}
+
+    expected = _diffusers_loop(ref, net, start, **generator())
+    ours_net = RoundedTimeNet(FixedNet())
+    got = _ours(method, _schedule("scaled_linear"), sigmas, x_T, ours_net, **options, **generator())
+    if x_space:
+        got = _x_space(got, float(sigmas[-1]))
+    assert torch.isfinite(expected).all()
+    assert _max_diff(got, expected) < ATOL
+    assert len(net.timesteps) - len(ours_net.timesteps) == wasted
+    assert ours_net.timesteps == net.timesteps[:len(ours_net.timesteps)]
+    assert SAMPLERS[method].nfe_on(sigmas, options) == len(ours_net.timesteps)
+
+
+def test_diffusers_ddpm_refuses_a_zero_length_step():
+    """DDPM (and DDIM, which steps t -> t - N // n) have no zero-length step in diffusers; ours
+    skip one as every sampler does (tests/test_sampler_repeated_sigmas.py)."""
+    with pytest.raises(ValueError, match="descending"):
+        diffusers.DDPMScheduler().set_timesteps(timesteps=[500, 100, 100])

@@ -77,7 +77,8 @@ class SendSignal(L.Callback):
 
 
 #: In-process runs carry the signal sender (the same config with or without a signal).
-IN_PROCESS = [*RUN, "+callbacks.send_signal._target_=tests.test_slurm_preemption.SendSignal"]
+IN_PROCESS = [*RUN, "+callbacks.send_signal._target_=tests.test_slurm_preemption.SendSignal",
+              "trusted_targets=[tests.test_slurm_preemption.SendSignal]"]
 
 
 @pytest.fixture

@@ -674,3 +674,471 @@ def test_validation_module_imports_nothing_heavy():
                             timeout=120, check=True)
     assert result.stdout.strip() == "[]"
 
+
+
+# ------------------------------------------------------------------------------------ value checks
+# Wrong values that ran silently (gradient ascent, bool('no') is True, 1.5 -> 1) or crashed late
+# with an error naming no key: each is one problem line naming the key, the value and the range.
+
+@pytest.mark.parametrize("overrides, start, allowed", [
+    (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1 is not allowed", ">= 0"),
+    (["module.compile=no"], "module.compile='no' is not allowed", "true or false"),
+    (["module.sample_compile=yes"], "module.sample_compile='yes' is not allowed", "true or false"),
+    (["data.drop_last=0"], "data.drop_last=0 is not allowed", "true or false"),
+    (["data.batch_size=1.5"], "data.batch_size=1.5 is not allowed", "integer >= 1"),
+    (["data.batch_size=abc"], "data.batch_size='abc' is not allowed", "integer >= 1"),
+    (["data.val_batch_size=0"], "data.val_batch_size=0 is not allowed", "integer >= 1 or null"),
+    (["data.num_workers=-1"], "data.num_workers=-1 is not allowed", "integer >= 0"),
+    (["module.optimizer.lr=0"], "module.optimizer.lr=0 is not allowed", "> 0"),
+    (["module.optimizer.lr=-1e-3"], "module.optimizer.lr=-0.001 is not allowed", "> 0"),
+    (["module.optimizer.lr=nan"], "module.optimizer.lr=nan is not allowed", "finite number > 0"),
+    (["module.optimizer.lr=abc"], "module.optimizer.lr='abc' is not allowed", "> 0"),
+    (["module.optimizer.lr=1e10"], "module.optimizer.lr=10000000000.0 is not allowed",
+     "set allow_unusual_lr=true"),
+    (["module.optimizer.betas=[0.9,1.5]"], "module.optimizer.betas=[0.9, 1.5] is not allowed",
+     "[0, 1)"),
+    (["module.optimizer.weight_decay=-0.1"], "module.optimizer.weight_decay=-0.1 is not allowed",
+     ">= 0"),
+    (["module.label_dropout=1.5"], "module.label_dropout=1.5 is not allowed", "[0, 1)"),
+    (["module.sample_precision=8"], "module.sample_precision=8 is not allowed", "bf16"),
+    (["sampler.eta=5"], "sampler.eta=5 is not allowed", "[0, 1]"),
+    (["sampler.eta=-0.5"], "sampler.eta=-0.5 is not allowed", "[0, 1]"),
+    (["sampler.eta=abc"], "sampler.eta='abc' is not allowed", "[0, 1]"),
+    (["sampler=heun", "sampler.s_noise=-1"], "sampler.s_noise=-1 is not allowed", ">= 0"),
+    (["sampler=heun", "sampler.s_churn=nan"], "sampler.s_churn=nan is not allowed", ">= 0"),
+    (["sampler=heun", "sampler.s_tmin=2", "sampler.s_tmax=1"],
+     "sampler.s_tmax=1 is not allowed", ">= 2"),
+    (["sampler.num_steps=0"], "sampler.num_steps=0 is not allowed", "integer >= 1"),
+    (["sampler.clip_sample=no"], "sampler.clip_sample='no' is not allowed", "true or false"),
+    (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps=0 is not allowed", ">= 1"),
+    (["trainer.val_check_interval=0"], "trainer.val_check_interval=0 is not allowed",
+     "an integer >= 1"),
+    (["trainer.val_check_interval=0.5"], "trainer.val_check_interval=0.5 is not allowed",
+     "with trainer.check_val_every_n_epoch set"),
+    (["+trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0 is not allowed",
+     ">= 1"),
+    (["trainer.precision=banana"], "trainer.precision='banana' is not allowed", "bf16-mixed"),
+    (["trainer.devices=0"], "trainer.devices=0 is not allowed", ">= 1"),
+    (["num_threads=0"], "num_threads=0 is not allowed", "integer >= 1 or null"),
+    (["matmul_precision=low"], "matmul_precision='low' is not allowed", "highest, high or medium"),
+    (["resume_allow_changes=5"], "resume_allow_changes=5 is not allowed", "a list of config keys"),
+    (["console.config_tree=big"], "console.config_tree='big' is not allowed", "short, full"),
+    (["model.num_classes=0"], "model.num_classes=0 is not allowed", "integer >= 1 or null"),
+    (["model.base_channels=0"], "model.base_channels=0 is not allowed", "integer >= 1"),
+    (["model.dropout=1.5"], "model.dropout=1.5 is not allowed", "[0, 1)"),
+    (["model.channel_mults=[]"], "model.channel_mults=[] is not allowed", "one per level"),
+    (["data.resolution=10"], "model.resolution=10 is not allowed with model.channel_mults of 3 "
+                             "levels", "multiple of 4"),
+    (["model=diffusers_unet", "model.norm_num_groups=3"],
+     "model.norm_num_groups=3 is not allowed with model.block_out_channels=[32, 64, 64]",
+     "divide every entry"),
+    (["model=diffusers_unet", "model.layers_per_block=0"],
+     "model.layers_per_block=0 is not allowed", ">= 1"),
+    (["data.resolution=0"], "data.resolution=0 is not allowed", "integer >= 1"),
+    (["module.denoiser.prediction_type=noise"],
+     "module.denoiser.prediction_type='noise' is not allowed", "epsilon"),
+    (["trainer.accelerator=abacus"], "trainer.accelerator='abacus' is not allowed", "cpu"),
+    (["trainer.devices=1.5"], "trainer.devices=1.5 is not allowed", ">= 1"),
+    (["lr_schedule=cosine", "trainer.max_steps=-1", "trainer.max_epochs=3"],
+     "lr_schedule.total_steps=-1 is not allowed", "it follows trainer.max_steps"),
+    (["lr_schedule.warmup_steps=-1"], "lr_schedule.warmup_steps=-1 is not allowed", ">= 0"),
+    (["callbacks.model_checkpoint.every_n_train_steps=-5"],
+     "callbacks.model_checkpoint.every_n_train_steps=-5 is not allowed", ">= 0"),
+    (["metrics=fid_tiny", "metrics.fid.evaluator.num_samples=1"],
+     "metrics.fid.evaluator.num_samples=1 is not allowed", ">= 2"),
+    (["metrics=fid_tiny", "metrics.fid.pairs=[{sampler: banana, num_steps: 3}]"],
+     "metrics.fid.pairs[0].sampler='banana' is not allowed", "ddim"),
+    (["metrics=fid_tiny", "metrics.fid.pairs=[{sampler: ddim, num_steps: 3, eta: 7}]"],
+     "metrics.fid.pairs[0].eta=7 is not allowed", "[0, 1]"),
+])
+def test_bad_train_values_are_refused_naming_key_value_and_range(train_config, overrides, start,
+                                                                  allowed):
+    problem = one_problem(train_config_problems(train_config(*overrides), cuda_device_count=0))
+    assert problem.startswith(start) and allowed in problem, problem
+
+
+@pytest.mark.parametrize("overrides", [
+    ["trainer.gradient_clip_val=0"], ["trainer.gradient_clip_val=null"],
+    ["module.compile=true", "module.sample_compile=false"], ["data.batch_size=8"],
+    ["module.optimizer.lr=0.5"], ["module.optimizer.lr=1e10", "allow_unusual_lr=true"],
+    ["module.label_dropout=0"], ["sampler.eta=1"], ["sampler=dpmpp_2m_sde", "sampler.eta=2"],
+    ["sampler=heun", "sampler.s_churn=40", "sampler.s_tmin=0.05", "sampler.s_tmax=50"],
+    ["trainer.val_check_interval=0.5", "trainer.check_val_every_n_epoch=1"],
+    ["trainer.val_check_interval='00:00:10:00'"], ["trainer.deterministic=warn"],
+    ["num_threads=1"], ["resume_allow_changes=[module.optimizer.lr]"],
+    ["model.num_classes=10"], ["module.sample_precision=bf16"],
+    ["scheduler.beta_start=0.01", "scheduler.beta_end=0.01"],
+    ["lr_schedule=cosine", "lr_schedule.min_factor=0.1"],
+])
+def test_good_train_values_pass(train_config, overrides):
+    assert train_config_problems(train_config(*overrides), cuda_device_count=0) == []
+
+
+@pytest.mark.parametrize("choice", [
+    *(f"scheduler={name}" for name in ("cosine", "scaled_linear", "vp_continuous", "ve", "edm",
+                                       "flow", "flow_sd3", "flow_flux")),
+    *(f"sampler={name}" for name in ("ddpm", "dpmpp_2m", "dpmpp_2m_sde", "euler",
+                                     "euler_ancestral", "heun", "lms", "unipc")),
+    *(f"experiment={name}" for name in ("ddpm", "edm", "rectified_flow", "posthoc_ema",
+                                        "step_count")),
+    "debug=limit", "debug=overfit", "debug=profiler", "metrics=fid", "metrics=fid_tiny",
+    "lr_schedule=cosine", "lr_schedule=inverse_sqrt", "ema=posthoc", "logger=many",
+    "model=unet_small", "model=unet_ddpm_cifar10", "data=mnist", "data=fashion_mnist",
+    "data=cifar10", *(f"loss={name}" for name in ("edm", "min_snr", "sigmoid", "soft_min_snr",
+                                                  "target_mse")),
+])
+def test_every_shipped_group_option_is_valid(train_config, choice):
+    """The checks refuse no shipped config (those that need a GPU or an image folder aside)."""
+    assert train_config_problems(train_config(choice, fast=False), cuda_device_count=0) == []
+
+
+def test_lr_of_an_optuna_search_is_checked_like_any_other(train_config):
+    cfg = train_config("hparams_search=lr_ema", "module.optimizer.lr=0")
+    assert one_problem(train_config_problems(cfg, cuda_device_count=0)).startswith(
+        "module.optimizer.lr=0 is not allowed")
+
+
+def test_several_value_problems_are_reported_together(train_config, no_work):
+    cfg = train_config("module.compile=no", "module.optimizer.lr=abc", "sampler.eta=5",
+                       "trainer.val_check_interval=0")
+    with pytest.raises(ConfigError) as caught:
+        train.run(cfg)
+    lines = str(caught.value).splitlines()
+    assert [line.split("=")[0] for line in lines] == [
+        "trainer.val_check_interval", "module.compile", "module.optimizer.lr", "sampler.eta"]
+    assert_nothing_written(Path(cfg.paths.output_dir))
+
+
+@pytest.mark.parametrize("choice, expected", [
+    ("data=digits", {"compile", "sample_compile", "fused", "drop_last", "shuffle",
+                     "rescale_betas_zero_snr", "clip_sample", "thresholding", "show_warnings",
+                     "allow_unusual_lr", "save_last", "requeue", "deterministic", "benchmark"}),
+    ("data=latents", {"sample_posterior", "progress", "drop_last"}),
+    ("data=image_folder", {"random_flip", "in_memory"}),
+    ("data=mnist", {"download"}),
+    ("metrics=fid", {"kid", "precision_recall", "at_train_end", "download"}),
+    ("trainer=ddp", {"sync_batchnorm", "find_unused_parameters", "use_distributed_sampler"}),
+    ("model=diffusers_unet", {"flip_sin_to_cos"}),
+    ("scheduler=flow", {"use_dynamic_shifting"}),
+    ("logger=many", {"log_model", "default_hp_metric"}),
+    ("evaluate", {"compile", "clip_sample", "show_warnings"}),
+])
+def test_every_boolean_of_the_shipped_configs_is_checked(train_config, eval_config, choice,
+                                                         expected):
+    """Each boolean of a composed config set to the string 'no' is one problem naming that key
+    (bool('no') would be True); the booleans are found in the config, not listed here."""
+    from omegaconf import OmegaConf
+
+    cfg = eval_config() if choice == "evaluate" else train_config(choice, fast=False)
+    keys = [key for key, value in validate._leaves(cfg, prefix="")
+            if isinstance(value, bool) and not key.endswith("_partial_")]
+    assert expected <= {key.rsplit(".", 1)[-1] for key in keys}
+    for key in keys:
+        OmegaConf.update(cfg, key, "no")
+    problems = validate.boolean_problems(cfg)
+    assert [problem.split("=")[0] for problem in problems] == keys
+    assert all("='no' is not allowed: it must be true or false" in p for p in problems)
+
+
+@pytest.mark.parametrize("overrides, start, allowed", [
+    (["scheduler.beta_end=1.5"], "scheduler.beta_end=1.5 is not allowed", "(0, 1)"),
+    (["scheduler.beta_start=0"], "scheduler.beta_start=0 is not allowed", "(0, 1)"),
+    (["scheduler.beta_start=abc"], "scheduler.beta_start='abc' is not allowed", "(0, 1)"),
+    (["scheduler.beta_start=0.02", "scheduler.beta_end=0.0001"],
+     "scheduler.beta_end=0.0001 is not allowed with scheduler.beta_start=0.02", "not decrease"),
+    (["scheduler.beta_end=0.2"], "scheduler.beta_end=0.2 is not allowed with "
+                                 "scheduler.num_train_timesteps=1000", "underflows to 0"),
+    (["scheduler=scaled_linear", "scheduler.beta_end=1"], "scheduler.beta_end=1 is not allowed",
+     "(0, 1)"),
+    (["scheduler.num_train_timesteps=1"], "scheduler.num_train_timesteps=1 is not allowed",
+     ">= 2"),
+    (["scheduler=vp_continuous", "scheduler.beta_min=-1"], "scheduler.beta_min=-1 is not allowed",
+     "> 0"),
+    (["scheduler=vp_continuous", "scheduler.beta_max=0.05"],
+     "scheduler.beta_max=0.05 is not allowed with scheduler.beta_min=0.1", "not decrease"),
+    (["scheduler=ve", "scheduler.sigma_min=0"], "scheduler.sigma_min=0 is not allowed",
+     "0 < sigma_min < sigma_max"),
+    (["scheduler=edm", "scheduler.p_std=0"], "scheduler.p_std=0 is not allowed", "> 0"),
+    (["scheduler=flow", "scheduler.shift=abc"], "scheduler.shift='abc' is not allowed", "> 0"),
+    (["scheduler=flow", "scheduler.shift=0"], "scheduler.shift=0 is not allowed", "> 0"),
+    (["scheduler=flow", "scheduler.density=abc"], "scheduler.density='abc' is not allowed",
+     "uniform, logit_normal"),
+    (["scheduler=flow", "scheduler.t_max=1.0"], "scheduler.t_max=1.0 is not allowed",
+     "0 < t_min < t_max < 1"),
+    (["+scheduler.beta_max=1"], "scheduler.beta_max=1 is not allowed", "DiscreteVPSchedule has "
+                                                                       "no argument beta_max"),
+    (["scheduler=edm", "sampler.spacing=leading"], "sampler: Spacing 'leading' needs a discrete "
+                                                   "schedule", "karras"),
+])
+def test_schedules_that_would_be_nan_at_step_0_are_refused_naming_the_key(train_config, overrides,
+                                                                          start, allowed):
+    problem = one_problem(train_config_problems(train_config(*overrides), cuda_device_count=0))
+    assert problem.startswith(start) and allowed in problem, problem
+
+
+def test_schedules_check_their_betas_where_they_are_built():
+    from diffsweep.schedules import ContinuousVPSchedule, DiscreteVPSchedule
+
+    for kwargs, start in ((dict(beta_end=1.5), "scheduler.beta_end=1.5 is not allowed"),
+                          (dict(beta_start=-1e-4), "scheduler.beta_start=-0.0001 is not allowed"),
+                          (dict(beta_start=0.02, beta_end=0.01), "scheduler.beta_end=0.01 is not "
+                                                                 "allowed with"),
+                          (dict(beta_end=0.5), "scheduler.beta_end=0.5 is not allowed with "
+                                               "scheduler.num_train_timesteps=1000")):
+        with pytest.raises(ValueError) as caught:
+            DiscreteVPSchedule(**kwargs)
+        assert str(caught.value).startswith(start) and "\n" not in str(caught.value)
+    with pytest.raises(ValueError, match=r"^scheduler\.beta_min=nan is not allowed"):
+        ContinuousVPSchedule(beta_min=float("nan"))
+    # zero terminal SNR ends at alphas_cumprod 0 on purpose; equal betas are a constant schedule
+    assert DiscreteVPSchedule(rescale_betas_zero_snr=True).alphas_cumprod[-1] == 0
+    assert DiscreteVPSchedule(beta_start=0.01, beta_end=0.01).betas.unique().numel() == 1
+    assert torch.isfinite(DiscreteVPSchedule("squaredcos_cap_v2").sigmas).all()
+
+
+# ------------------------------------------------------------------------------ evaluate values
+
+@pytest.mark.parametrize("overrides, start, allowed", [
+    (["guidance_scale=nan"], "guidance_scale=nan is not allowed", "finite number >= 0"),
+    (["guidance_scale=-5"], "guidance_scale=-5 is not allowed", "0 unconditional"),
+    (["guidance_scale=inf"], "guidance_scale=inf is not allowed", "finite number >= 0"),
+    (["guidance_scale=abc"], "guidance_scale='abc' is not allowed", "finite number >= 0"),
+    (["compile=no"], "compile='no' is not allowed", "true or false"),
+    (["batch_size=1.5"], "batch_size=1.5 is not allowed", "integer >= 1 or null"),
+    (["grid_samples=abc"], "grid_samples='abc' is not allowed", "integer >= 1"),
+    (["precision=8"], "precision=8 is not allowed", "bf16"),
+    (["weights=foo"], "weights='foo' is not allowed", "ema or raw"),
+    (["ema.sigma_rel=5"], "ema.sigma_rel=5 is out of range", "0 < ema.sigma_rel <= 0.3003"),
+    (["sampler.eta=abc"], "sampler.eta='abc' is not allowed", "[0, 1]"),
+    (["sampler.eta=5"], "sampler.eta=5 is not allowed", "[0, 1]"),
+    (["sampler=banana"], None, None),
+    (["sampler.spacing=wide"], "sampler.spacing='wide' is not allowed", "karras"),
+    (["metrics=fid_tiny", "metrics.fid.evaluator.num_samples=1.5"],
+     "metrics.fid.evaluator.num_samples=1.5 is not allowed", "integer >= 2"),
+    (["metrics=fid_tiny", "metrics.fid.evaluator.batch_size=0"],
+     "metrics.fid.evaluator.batch_size=0 is not allowed", "integer >= 1"),
+    (["data=digits", "data.batch_size=abc"], "data.batch_size='abc' is not allowed", ">= 1"),
+    (["console.show_warnings=maybe"], "console.show_warnings='maybe' is not allowed",
+     "true or false"),
+])
+def test_bad_eval_values_are_refused_naming_key_value_and_range(eval_config, overrides, start,
+                                                                 allowed):
+    if start is None:  # an unknown group option: Hydra itself refuses it while composing
+        with pytest.raises(Exception, match="banana"):
+            eval_config(*overrides)
+        return
+    problem = one_problem(eval_config_problems(eval_config(*overrides), cuda_device_count=0))
+    assert problem.startswith(start) and allowed in problem, problem
+
+
+@pytest.mark.parametrize("overrides", [
+    ["guidance_scale=0"], ["guidance_scale=7.5"], ["compile=true"], ["batch_size=null"],
+    ["precision=bf16"], ["weights=raw"], ["ema.sigma_rel=0.1"], ["sampler=dpmpp_2m_sde"],
+    ["metrics=fid_tiny"], ["data=digits"], ["experiment=eval_sweep"],
+])
+def test_good_eval_values_pass(eval_config, overrides):
+    assert eval_config_problems(eval_config(*overrides), cuda_device_count=0) == []
+
+
+def test_nan_guidance_stops_evaluation_before_any_work(eval_config, no_work):
+    cfg = eval_config("guidance_scale=nan", "compile=no")
+    with pytest.raises(ConfigError) as caught:
+        evaluate.run(cfg)
+    assert [line.split("=")[0] for line in str(caught.value).splitlines()] == [
+        "guidance_scale", "compile"]
+    assert_nothing_written(Path(cfg.paths.output_dir))
+
+
+# ------------------------------------------------------------------------------------ sweeps
+
+@pytest.mark.parametrize("overrides, reason", [
+    (["optimized_metric=val/loss", "trainer.max_steps=10", "trainer.val_check_interval=500"],
+     "trainer.val_check_interval=500 batches is more than the run's trainer.max_steps=10"),
+    (["optimized_metric=val/loss", "+trainer.limit_val_batches=0"],
+     "trainer.limit_val_batches=0 turns validation off"),
+    (["optimized_metric=val/loss", "trainer.max_steps=-1", "trainer.max_epochs=1",
+      "trainer.check_val_every_n_epoch=2", "trainer.val_check_interval=1.0"],
+     "trainer.max_epochs=1 ends the run before the first validation"),
+])
+def test_optimized_metric_that_no_validation_logs_is_refused(train_config, overrides, reason):
+    problem = one_problem(train_config_problems(train_config(*overrides), cuda_device_count=0))
+    assert problem.startswith("optimized_metric=val/loss is not allowed") and reason in problem
+    assert "val/loss is never logged" in problem
+
+
+def test_optuna_search_that_never_validates_stops_before_training(train_config, no_work):
+    """``train.py hparams_search=lr_ema trainer.max_steps=10`` failed after training with
+    'Return value must be float-castable. Got None'."""
+    cfg = train_config("hparams_search=lr_ema", "trainer.max_steps=10",
+                       "trainer.val_check_interval=500")
+    with pytest.raises(ConfigError, match=r"^optimized_metric=val/loss is not allowed.*"
+                                          r"trainer\.max_steps=10"):
+        train.run(cfg)
+    assert_nothing_written(Path(cfg.paths.output_dir))
+
+
+@pytest.mark.parametrize("overrides, start", [
+    (["optimized_metric=fid/ddim_20"], "optimized_metric=fid/ddim_20 is not allowed without FID"),
+    (["optimized_metric=fid/ddim_99", "metrics=fid_tiny"],
+     "optimized_metric=fid/ddim_99 is not allowed: metrics.fid.pairs logs fid/ddim_20, "
+     "fid/dpmpp_2m_10"),
+    (["optimized_metric=fid/ddim_20", "metrics=fid_tiny", "metrics.fid.at_train_end=false",
+      "metrics.fid.every_n_val_epochs=5"],
+     "optimized_metric=fid/ddim_20 is not allowed: metrics.fid.at_train_end=false"),
+    (["optimized_metric=3"], "optimized_metric=3 is not allowed"),
+])
+def test_optimized_fid_metric_the_run_does_not_compute_is_refused(train_config, overrides, start):
+    assert one_problem(train_config_problems(train_config(*overrides),
+                                             cuda_device_count=0)).startswith(start)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["optimized_metric=val/loss"],  # FAST: validation every 2 of 4 steps
+    ["optimized_metric=val/loss", "debug=fast_dev_run"],
+    ["optimized_metric=val/loss", "debug=limit"],  # by epochs: depends on the data, allowed
+    ["optimized_metric=train/loss", "trainer.val_check_interval=500"],
+    ["optimized_metric=fid/ddim_20", "metrics=fid_tiny", "trainer.val_check_interval=500"],
+    ["optimized_metric=kid/dpmpp_2m_10", "metrics=fid_tiny"],
+    ["hparams_search=lr_ema"],
+])
+def test_optimized_metric_the_run_logs_passes(train_config, overrides):
+    cfg = train_config(*overrides, fast="debug=fast_dev_run" not in overrides)
+    assert train_config_problems(cfg, cuda_device_count=0) == []
+
+
+def test_global_batch_not_divisible_by_the_processes_is_refused(train_config):
+    cfg = train_config("trainer=ddp", "trainer.devices=3", "data.batch_size=16")
+    problem = one_problem(train_config_problems(cfg, cuda_device_count=0))
+    assert problem.startswith("data.batch_size=16 is not allowed with trainer.devices=3")
+    assert "multiple of 3" in problem
+    assert train_config_problems(train_config("trainer=ddp", "data.batch_size=16"),
+                                 cuda_device_count=0) == []
+
+
+# ------------------------------------------------------------------------------------ image folders
+
+def _image_folder(folder: Path, count: int) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        Image.new("RGB", (4, 4), (index * 40 % 256, 0, 0)).save(folder / f"{index}.png")
+    return folder
+
+
+def _folder_config(train_config, root: Path, *overrides: str):
+    return train_config("data=image_folder", f"data.root={root}", "data.num_workers=0",
+                        "data.resolution=16", *overrides)
+
+
+def test_image_folder_smaller_than_one_batch_is_refused_before_any_work(train_config, tmp_path,
+                                                                        no_work):
+    root = _image_folder(tmp_path / "images", 3)
+    cfg = _folder_config(train_config, root, "data.batch_size=64")
+    with pytest.raises(ConfigError) as caught:
+        train.run(cfg)
+    assert str(caught.value) == (
+        f"data.batch_size=64 is not allowed with data.root={root}: the folder holds 3 image(s), 2 "
+        f"in the training split (data.source.val_fraction=0.01), fewer than one batch, and "
+        f"data.drop_last=true drops it (no training batch); use data.batch_size <= 2 or "
+        f"data.drop_last=false.")
+    assert_nothing_written(Path(cfg.paths.output_dir))
+
+
+def test_image_folder_with_a_batch_of_images_passes(train_config, tmp_path):
+    root = _image_folder(tmp_path / "images", 3)
+    for overrides in (["data.batch_size=2"], ["data.batch_size=64", "data.drop_last=false"],
+                      ["data.batch_size=3", "data.source.val_fraction=0"]):
+        cfg = _folder_config(train_config, root, *overrides)
+        assert train_config_problems(cfg, cuda_device_count=0) == [], overrides
+
+
+def test_image_folder_count_stops_at_what_the_check_needs(tmp_path):
+    from diffsweep.data.folder import count_images
+
+    root = _image_folder(tmp_path / "images", 5)
+    assert count_images(root) == 5 and count_images(root, stop_at=2) == 2
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda root: None, "is not allowed: no such folder; set data.root=/path/to/images"),
+    (lambda root: root.mkdir(), "is not allowed: no image files (.png, .jpg"),
+    (lambda root: root.write_text(""), "is not allowed: a file; set data.root="),
+])
+def test_missing_empty_or_file_data_root_is_refused(train_config, tmp_path, make, message):
+    root = tmp_path / "images"
+    make(root)
+    problem = one_problem(train_config_problems(_folder_config(train_config, root),
+                                                cuda_device_count=0))
+    assert problem.startswith(f"data.root={root} {message}"), problem
+
+
+@pytest.fixture
+def deny_listing(monkeypatch):
+    """``deny_listing(folder)``: listing ``folder`` raises PermissionError, as a folder without
+    read permission does (chmod does not stop root, so the listing is refused here)."""
+    denied: set[Path] = set()
+    scandir = os.scandir
+
+    def guarded(path="."):
+        if Path(path) in denied:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return scandir(path)
+    monkeypatch.setattr(os, "scandir", guarded)
+    return denied.add
+
+
+def test_unreadable_data_root_is_named_as_unreadable_not_empty(train_config, tmp_path,
+                                                              deny_listing):
+    from diffsweep.data.folder import ImageFolderSource
+
+    root = _image_folder(tmp_path / "images", 3)
+    deny_listing(root)
+    problem = one_problem(train_config_problems(_folder_config(train_config, root),
+                                                cuda_device_count=0))
+    assert problem.startswith(f"data.root={root} is not allowed: {root} is not readable "
+                              f"(permission denied)")
+    with pytest.raises(PermissionError) as caught:
+        ImageFolderSource(root).files()
+    message = str(caught.value)
+    assert message.startswith(f"image folder {root} is not readable (permission denied)")
+    assert "data.root" in message and "no images found" not in message and "\n" not in message
+
+
+def test_unreadable_subfolder_is_skipped_with_a_warning_or_named_when_nothing_else_is(
+        tmp_path, deny_listing):
+    from diffsweep.data.folder import ImageFolderSource
+
+    root = _image_folder(tmp_path / "images", 2)
+    locked = _image_folder(root / "locked", 2)
+    deny_listing(locked)
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable folder\(s\) \(permission denied\)"):
+        assert ImageFolderSource(root).files() == ["0.png", "1.png"]
+    only_locked = tmp_path / "only_locked"
+    deny_listing(_image_folder(only_locked / "locked", 2))
+    with pytest.raises(PermissionError, match="only_locked/locked is not readable"):
+        ImageFolderSource(only_locked).files()
+
+
+# ------------------------------------------------------------------------------------ num_workers
+
+def test_num_workers_beyond_the_cores_are_capped_with_one_info_line(caplog, monkeypatch):
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from diffsweep.data.datamodule import ImageDataModule, available_cpus
+    from diffsweep.data.digits import DigitsSource
+
+    cpus = available_cpus()
+    with caplog.at_level(logging.INFO, logger="diffsweep.data.datamodule"):
+        module = ImageDataModule(DigitsSource(), batch_size=8, num_workers=cpus + 3)
+        kept = ImageDataModule(DigitsSource(), batch_size=8, num_workers=cpus)
+    assert module.num_workers == cpus and kept.num_workers == cpus
+    lines = [r.getMessage() for r in caplog.records if r.name == "diffsweep.data.datamodule"]
+    assert lines == [f"data.num_workers={cpus + 3} capped at {cpus}: this process may use {cpus} "
+                     f"CPU core(s)."]
+    caplog.clear()
+    monkeypatch.setattr(rank_zero_only, "rank", 1)  # other DDP ranks cap silently
+    with caplog.at_level(logging.INFO, logger="diffsweep.data.datamodule"):
+        assert ImageDataModule(DigitsSource(), batch_size=8, num_workers=cpus + 3).num_workers \
+            == cpus
+    assert not [r for r in caplog.records if r.name == "diffsweep.data.datamodule"]

@@ -51,11 +51,12 @@ KEY = ("formulation", "sampler", "num_steps", "seed")
 def load_denoiser(folder: Path):
     """The race recipe's EMA denoiser from ``<folder>/ema_denoiser.pt``."""
     from diffsweep.assembly import build_module
+    from diffsweep.checkpoints import load_weights_only
 
     path = folder / "ema_denoiser.pt"
     if not path.is_file():
         raise SystemExit(f"--models {folder}: no ema_denoiser.pt there; run the race first.")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = load_weights_only(path)  # tensors and plain containers: loading runs no code
     if payload.get("recipe") not in FORMULATIONS:
         raise SystemExit(f"--models {folder}: recipe {payload.get('recipe')!r}; allowed: "
                          f"{', '.join(FORMULATIONS)}.")

@@ -1,9 +1,11 @@
 """Sampler x schedule x NFE on the exact denoiser of a 2-D 8-mode Gaussian ring.
 
     python experiments/sampler_error/run.py            # ~2-4 min on 2 CPU cores
-    python experiments/sampler_error/run.py --quick    # smoke run (fewer samples)
+    python experiments/sampler_error/run.py --quick    # smoke run (fewer samples, in a temp folder)
 
-Writes ``results.md`` and ``error_vs_nfe.png`` next to this file (see README.md).
+Writes ``results.md`` and ``error_vs_nfe.png`` next to this file (see README.md); ``--quick``
+writes them to ``QUICK_OUT`` instead, so a smoke run leaves the committed results alone. Both
+depend on the data only: the same run writes the same files (the wall time goes to the console).
 
 Per schedule (built from :mod:`diffsweep.schedules` with its defaults; grid from
 :func:`diffsweep.grids.sigma_grid`: ``linspace`` for the discrete tables, so every NFE runs from
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +47,8 @@ from diffsweep.schedules import (  # noqa: E402
 )
 
 HERE = Path(__file__).resolve().parent
+#: Where ``--quick`` writes unless ``--out`` is given (not the committed results next to this file).
+QUICK_OUT = Path(tempfile.gettempdir()) / "diffsweep_sampler_error_quick"
 NFE_BUDGETS = (5, 10, 20, 50, 100)
 NUM_SAMPLES = 4000
 NUM_REFERENCE = 1000  # the first rows get an exact ODE solution (RMSE is over these)
@@ -178,8 +183,9 @@ def fmt(value: float | None) -> str:
 
 
 def write_markdown(path: Path, all_results: dict, infos: dict, spacings: dict,
-                   mmd_floor: float, args: argparse.Namespace, total_seconds: float,
-                   reading: str) -> None:
+                   mmd_floor: float, args: argparse.Namespace, reading: str) -> None:
+    """``results.md``: a function of the results and settings only (no wall time, no date), so
+    rerunning the study rewrites it byte for byte unless a number changed."""
     lines = [
         "# Sampler error vs NFE on an exact denoiser",
         "",
@@ -191,8 +197,7 @@ def write_markdown(path: Path, all_results: dict, infos: dict, spacings: dict,
         f"solution; MMD² (Gaussian kernel, bandwidth {MMD_BANDWIDTH}) to the exact ring — "
         f"exact samples of this size score |MMD²| ≤ {mmd_floor:.1e} (noise floor). "
         "Cells: value at the largest step count whose NFE fits the budget; heun uses 2n−1 "
-        "evaluations for n steps, so its actual NFE is 5, 9, 19, 49, 99. "
-        f"Total run time {total_seconds:.0f} s.",
+        "evaluations for n steps, so its actual NFE is 5, 9, 19, 49, 99.",
         "",
     ]
     if reading:
@@ -286,13 +291,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num-samples", type=int, default=NUM_SAMPLES)
     parser.add_argument("--num-reference", type=int, default=NUM_REFERENCE)
-    parser.add_argument("--quick", action="store_true", help="400 samples, 200 references")
-    parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"400 samples, 200 references, written to {QUICK_OUT} by default")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output folder (default: {HERE}; with --quick {QUICK_OUT})")
     parser.add_argument("--reading", type=Path, default=HERE / "reading.md",
                         help="hand-written interpretation pasted into results.md if present")
     args = parser.parse_args()
     if args.quick:
         args.num_samples, args.num_reference = 400, 200
+    if args.out is None:
+        args.out = QUICK_OUT if args.quick else HERE
     torch.set_num_threads(1)  # tiny tensors: threads only add overhead (and thrash on 2 cores)
     started = time.perf_counter()
     mixture = GaussianMixture.ring(**RING)
@@ -309,8 +318,7 @@ def main() -> None:
     total = time.perf_counter() - started
     reading = args.reading.read_text().strip() if args.reading.exists() else ""
     args.out.mkdir(parents=True, exist_ok=True)
-    write_markdown(args.out / "results.md", all_results, infos, spacings, mmd_floor, args, total,
-                   reading)
+    write_markdown(args.out / "results.md", all_results, infos, spacings, mmd_floor, args, reading)
     plot(args.out / "error_vs_nfe.png", all_results, infos, mmd_floor)
     print(f"wrote {args.out / 'results.md'} and {args.out / 'error_vs_nfe.png'} ({total:.0f} s)")
 

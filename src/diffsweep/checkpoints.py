@@ -5,7 +5,13 @@ A checkpoint holds the EMA weights as ``state_dict`` and the raw weights as
 resolved run config, so a model is rebuilt without the original command line
 (:func:`diffsweep.assembly.build_module`). Reading never executes code: ``torch.load`` with
 ``weights_only=True`` (tensors, containers and primitives only), for our own reads and for
-Lightning's resume alike (:class:`AtomicCheckpointIO`).
+Lightning's resume alike (:class:`AtomicCheckpointIO`); rebuilding never executes code either:
+the stored config's ``_target_`` names are checked against :mod:`diffsweep.targets` first.
+
+Every read checks the structure before anything uses it (:func:`check_checkpoint`): an empty
+file, a plain state dict, a file without ``state_dict`` or with a ``diffsweep_config`` that is
+not a mapping with ``module`` and ``data`` mappings is refused with one line naming the file and
+what is wrong; a resume also needs Lightning's version stamp (:func:`check_resumable`).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import logging
 import pickle
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -118,19 +124,108 @@ def explain_state_dict_errors(source: str | Path | None,
         raise explained from None  # torch's report is in .details; it would bury the message
 
 
+#: What Lightning's resume reads first besides ``state_dict`` (a missing ``optimizer_states`` it
+#: reports itself, after checking that the weights fit the model).
+RESUME_KEYS = ("pytorch-lightning_version",)
+
+
+class CheckpointStructureError(ValueError):
+    """A checkpoint file that is not what its reader needs (one line naming the file)."""
+
+
+def _what_it_holds(checkpoint: Mapping[Any, Any]) -> str:
+    keys = [str(key) for key in list(checkpoint)[:4]]
+    more = ", ..." if len(checkpoint) > 4 else ""
+    return f"keys: {', '.join(keys)}{more}" if keys else "an empty dict"
+
+
+def check_run_config(config: Any, source: str) -> dict[str, Any]:
+    """``config`` (a checkpoint's ``diffsweep_config``) if it is a mapping with ``module`` and
+    ``data`` mappings (and, in the earlier layout without ``module.denoiser``, ``model`` and
+    ``scheduler`` mappings); else :class:`CheckpointStructureError` naming ``source``."""
+    def refuse(what: str) -> CheckpointStructureError:
+        return CheckpointStructureError(f"Checkpoint {source}: {what}; it was not written by "
+                                        f"diffsweep's train.py, or it was edited.")
+
+    if not isinstance(config, Mapping):
+        raise refuse(f"diffsweep_config is a {type(config).__name__}, not a mapping of the run "
+                     f"config")
+    required = ["module", "data"]
+    if isinstance(config.get("module"), Mapping) and "denoiser" not in config["module"]:
+        required += ["model", "scheduler"]  # the earlier layout, upgraded from these
+    for key in required:
+        if key not in config:
+            raise refuse(f"diffsweep_config has no {key}")
+        if not isinstance(config[key], Mapping):
+            raise refuse(f"diffsweep_config.{key} is a {type(config[key]).__name__}, not a "
+                         f"mapping")
+    return dict(config)
+
+
+def check_checkpoint(checkpoint: Any, source: str | Path, need_config: bool = False
+                     ) -> dict[str, Any]:
+    """``checkpoint`` (a loaded file) if it is a dict with a ``state_dict`` mapping and, when
+    present (or ``need_config``), a well-formed ``diffsweep_config`` (:func:`check_run_config`);
+    else :class:`CheckpointStructureError`, one line naming ``source`` and what is wrong."""
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointStructureError(
+            f"Checkpoint {source} holds a {type(checkpoint).__name__}, not a checkpoint dict; "
+            f"pass a checkpoint written by train.py (<run dir>/checkpoints/last.ckpt).")
+    if "state_dict" not in checkpoint:
+        tensors = [key for key, value in checkpoint.items() if isinstance(value, torch.Tensor)]
+        if checkpoint and len(tensors) == len(checkpoint):
+            raise CheckpointStructureError(
+                f"Checkpoint {source} is a plain state dict ({len(tensors)} tensors such as "
+                f"{tensors[0]!r}), not a train.py checkpoint: it has no state_dict and no run "
+                f"config to rebuild the model from; load it into a built model with "
+                f"load_state_dict, or pass <run dir>/checkpoints/last.ckpt.")
+        raise CheckpointStructureError(
+            f"Checkpoint {source} has no state_dict ({_what_it_holds(checkpoint)}); it is not a "
+            f"diffsweep/Lightning checkpoint.")
+    if not isinstance(checkpoint["state_dict"], Mapping):
+        raise CheckpointStructureError(
+            f"Checkpoint {source}: state_dict is a {type(checkpoint['state_dict']).__name__}, not "
+            f"a mapping of parameter names to tensors.")
+    config = checkpoint.get("diffsweep_config")
+    if config is None and need_config:
+        raise CheckpointStructureError(f"Checkpoint {source} has no diffsweep_config; it was not "
+                                       f"written by diffsweep's train.py.")
+    if config is not None:
+        check_run_config(config, str(source))
+    return dict(checkpoint)
+
+
+def check_resumable(checkpoint: Any, source: str | Path) -> dict[str, Any]:
+    """:func:`check_checkpoint` plus :data:`RESUME_KEYS`: what ``trainer.fit(ckpt_path=...)``
+    reads before restoring the weights."""
+    checkpoint = check_checkpoint(checkpoint, source)
+    missing = [key for key in RESUME_KEYS if key not in checkpoint]
+    if missing:
+        raise CheckpointStructureError(
+            f"Checkpoint {source} cannot be resumed: it has no {', '.join(missing)} (a weights "
+            f"file, not a Lightning training checkpoint of train.py); start a new run without "
+            f"ckpt_path, or pass <run dir>/checkpoints/last.ckpt.")
+    return checkpoint
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint dict on the CPU, with a clear error for a missing or unreadable file."""
+    """Load a checkpoint dict on the CPU, with a clear error for a missing, unreadable or
+    malformed file (:func:`check_checkpoint`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {path} does not exist; pass ckpt_path=<run dir>/"
                                 f"checkpoints/last.ckpt of a train.py run.")
-    return load_weights_only(path)
+    return check_checkpoint(load_weights_only(path), path)
 
 
 def load_weights_only(path: str | Path,
                       map_location: str | torch.device | Callable[..., Any] = "cpu") -> dict[str, Any]:
     """``torch.load(path, weights_only=True)``: a file whose unpickling would run code (a pickled
-    ``nn.Module``, any class outside torch's safe list) is refused with a ValueError naming it."""
+    ``nn.Module``, any class outside torch's safe list) is refused with a ValueError naming it,
+    and so is an empty or otherwise unreadable file."""
+    if Path(path).is_file() and Path(path).stat().st_size == 0:
+        raise CheckpointStructureError(f"Checkpoint {path} is empty (0 bytes): a write that never "
+                                       f"finished or a failed copy; use another checkpoint.")
     try:
         try:
             return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
@@ -141,11 +236,12 @@ def load_weights_only(path: str | Path,
     except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
         unsafe = isinstance(error, pickle.UnpicklingError) and \
             "weights_only" in str(error)
+        first_line = (str(error).splitlines() or [""])[0]
         reason = ("it holds Python objects other than tensors and plain containers (a pickled "
                   "nn.Module or class), and loading it would execute code; diffsweep only reads "
                   "weights-only checkpoints (save state dicts, not modules)"
-                  if unsafe else f"{type(error).__name__}: {str(error).splitlines()[0]}; it may "
-                  f"be truncated or not a diffsweep/Lightning checkpoint")
+                  if unsafe else f"{type(error).__name__}{': ' if first_line else ''}"
+                  f"{first_line}; it may be truncated or not a diffsweep/Lightning checkpoint")
         raise ValueError(f"Checkpoint {path} could not be read: {reason}.") from error
 
 
@@ -155,27 +251,43 @@ def strip_compile_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
 
 
 def load_module(path: str | Path, weights: str = "ema",
-                map_location: str | torch.device = "cpu") -> "DiffusionModule":
-    """Rebuild the DiffusionModule of a checkpoint and load ``weights`` (``ema`` or ``raw``)."""
-    return module_from_checkpoint(read_checkpoint(path), weights, source=str(path)).to(
-        map_location).eval()
+                map_location: str | torch.device = "cpu",
+                trusted_targets: Iterable[str] = ()) -> "DiffusionModule":
+    """Rebuild the DiffusionModule of a checkpoint and load ``weights`` (``ema`` or ``raw``);
+    ``trusted_targets``: the command's own trusted ``_target_`` names (:mod:`diffsweep.targets`)."""
+    return module_from_checkpoint(read_checkpoint(path), weights, source=str(path),
+                                  trusted_targets=trusted_targets).to(map_location).eval()
 
 
 def module_from_checkpoint(checkpoint: dict[str, Any], weights: str = "ema",
-                           source: str = "the checkpoint") -> "DiffusionModule":
-    """The DiffusionModule of an already loaded checkpoint dict, with ``weights`` loaded."""
-    from diffsweep.assembly import build_module
+                           source: str = "(loaded in memory)",
+                           trusted_targets: Iterable[str] = ()) -> "DiffusionModule":
+    """The DiffusionModule of an already loaded checkpoint dict, with ``weights`` loaded.
 
-    cfg = checkpoint.get("diffsweep_config")
-    if cfg is None:
-        raise ValueError(f"{source} has no diffsweep_config; it was not written by "
-                         f"diffsweep's train.py.")
+    The checkpoint's structure (:func:`check_checkpoint`) and every ``_target_`` of its stored
+    ``module`` and ``data`` are checked before anything is built: only model and data targets,
+    the registered ones and ``trusted_targets`` (the current command's), no interpolations
+    (:class:`~diffsweep.targets.UntrustedConfigError`, one line naming the key path).
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    from diffsweep.assembly import build_module, check_stored_module
+    from diffsweep.targets import TargetPolicy, check_targets
+
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights={weights!r} is not allowed; choose ema or raw.")
+    checkpoint = check_checkpoint(checkpoint, source, need_config=True)
+    cfg = checkpoint["diffsweep_config"]
+    if isinstance(cfg, DictConfig):  # built in memory: still a stored config, never resolved
+        cfg = OmegaConf.to_container(cfg, resolve=False)
+    policy = TargetPolicy(source=f"Checkpoint {source}", stored=True,
+                          trusted=frozenset(trusted_targets))
+    check_stored_module(cfg, policy)
+    check_targets(cfg["data"], policy, key="data")  # evaluate builds it too: refuse it now
     state_key = "state_dict"
     if weights == "raw" and "current_model_state" in checkpoint:
         state_key = "current_model_state"
-    module = build_module(cfg)
+    module = build_module(cfg, source=policy.source, trusted_targets=trusted_targets)
     with explain_state_dict_errors(source, STORED_CONFIG_CAUSE):
         module.load_state_dict(strip_compile_prefix(checkpoint[state_key]))
     return module.eval()
@@ -204,9 +316,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path: str | Path,
                         map_location: Callable[..., Any] | None = lambda storage, loc: storage,
                         weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's resume read: weights-only, and refused in one line
+        (:func:`check_resumable`) unless it holds what ``trainer.fit`` restores."""
         if not Path(path).is_file():
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
-        return load_weights_only(path, map_location=map_location)
+        return check_resumable(load_weights_only(path, map_location=map_location), path)
 
 
 def find_resume_checkpoint(directory: str | Path) -> Path | None:

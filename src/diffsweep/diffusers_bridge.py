@@ -44,7 +44,12 @@ flow sigmas, stochastic sampling, ``shift_terminal``), VP configs with ``use_flo
 ``beta_schedule``, continuous timesteps, learned-variance outputs, text-conditional UNets.
 
 Loading executes no code: configs are JSON, weights are safetensors or ``.bin`` files read with
-``torch.load(weights_only=True)`` (a pickle that would run code is refused).
+``torch.load(weights_only=True)`` (a pickle that would run code is refused). Nor does it read
+weights from outside the model folder: every shard a ``*.index.json`` names must resolve
+(symlinks followed) inside the folder holding the index (:func:`check_index_entry`; a Hugging
+Face hub cache snapshot's links into its repository's ``blobs/`` excepted). The other files read
+are at fixed names in the folder (``model_index.json``, ``unet/config.json``,
+``scheduler/scheduler_config.json``, ``diffsweep.json``); no JSON value is used as a path.
 """
 
 from __future__ import annotations
@@ -507,8 +512,50 @@ def read_weights_file(path: PathLike) -> dict[str, Tensor]:
     return dict(state)
 
 
+def _hub_blobs(model_dir: Path) -> Path | None:
+    """The ``blobs/`` folder of a Hugging Face hub cache repository when ``model_dir`` (resolved)
+    lies in one of its snapshots (``.../models--<org>--<name>/snapshots/<revision>/...``), whose
+    files are symlinks into that folder; else None."""
+    parts = model_dir.parts
+    for index in range(len(parts) - 2, 0, -1):
+        if parts[index] == "snapshots" and parts[index - 1].startswith("models--"):
+            return Path(*parts[:index]) / "blobs"
+    return None
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_index_entry(index_path: Path, entry: Any, model_dir: Path) -> Path:
+    """The file an index's ``weight_map`` entry names, refused (one line naming the index, the
+    entry and the folder) unless it is a relative file name that resolves (symlinks followed) to
+    a file inside ``model_dir``: never ``../x``, an absolute path, or a symlink leading out
+    (a Hugging Face hub cache snapshot's symlinks into its own ``blobs/`` are allowed)."""
+    folder = model_dir.resolve()
+    allowed = f"a weight file inside {folder}"
+    if not isinstance(entry, str) or not entry.strip():
+        raise ValueError(f"Weight index {index_path} names the weight file {entry!r}, which is "
+                         f"no file name; allowed: {allowed}.")
+    if Path(entry).is_absolute():
+        raise ValueError(f"Weight index {index_path} names the weight file {entry!r}, an "
+                         f"absolute path (entries name files relative to the model folder "
+                         f"{folder}); allowed: {allowed}.")
+    named = folder / entry
+    resolved = named.resolve()
+    blobs = _hub_blobs(folder)
+    hub_blob = (blobs is not None and _inside(resolved, blobs)
+                and _inside(named.parent.resolve(), folder))  # a snapshot's link to its blob
+    if not (_inside(resolved, folder) or hub_blob):
+        raise ValueError(f"Weight index {index_path} names the weight file {entry!r}, which "
+                         f"resolves to {resolved}, outside the model folder {folder}; allowed: "
+                         f"{allowed}.")
+    return model_dir / entry
+
+
 def weight_files(model_dir: PathLike, variant: str | None = None) -> list[Path]:
-    """The weight files of a diffusers model folder (one file, or the shards an index lists)."""
+    """The weight files of a diffusers model folder (one file, or the shards an index lists,
+    each checked to lie inside the folder: :func:`check_index_entry`)."""
     model_dir = Path(model_dir)
     suffix = f".{variant}" if variant else ""
     for pattern in WEIGHT_FILES:
@@ -517,10 +564,13 @@ def weight_files(model_dir: PathLike, variant: str | None = None) -> list[Path]:
             continue
         if candidate.name.endswith(".index.json"):
             index = read_json(candidate, "Weight index")
-            shards = sorted(set((index.get("weight_map") or {}).values()))
-            if not shards:
-                raise ValueError(f"Weight index {candidate} has no weight_map.")
-            return [model_dir / shard for shard in shards]
+            weight_map = index.get("weight_map") or {}
+            if not isinstance(weight_map, Mapping) or not weight_map:
+                raise ValueError(f"Weight index {candidate} has no weight_map (a JSON object of "
+                                 f"parameter names -> weight files).")
+            shards = {check_index_entry(candidate, entry, model_dir)
+                      for entry in weight_map.values()}
+            return sorted(shards)
         return [candidate]
     names = ", ".join(pattern.format(variant=suffix) for pattern in WEIGHT_FILES)
     raise FileNotFoundError(f"No weights in {model_dir}: expected one of {names}.")
@@ -850,8 +900,9 @@ def is_pretrained_folder(path: PathLike) -> bool:
 
 __all__ = ["FLOW_EXPORT_SCHEDULER", "FLOW_REFUSED_OPTIONS", "FLOW_SCHEDULERS", "METADATA_FILE",
            "PretrainedModel", "REFUSED_SCHEDULERS", "TrainedBetasVPSchedule", "VP_SCHEDULERS",
-           "check_flow_scheduler_config", "check_scheduler_config", "flow_grids_equal", "flow_mu",
-           "flow_schedule_from_config", "flow_scheduler_config", "is_flow_config",
+           "check_flow_scheduler_config", "check_index_entry", "check_scheduler_config",
+           "flow_grids_equal", "flow_mu", "flow_schedule_from_config", "flow_scheduler_config",
+           "is_flow_config",
            "is_pretrained_folder", "load_net", "load_pretrained", "load_schedule", "read_json",
            "read_unet_config", "read_weights_file", "resolve_scheduler_config",
            "schedule_from_config", "scheduler_config", "tables_equal", "weight_files"]

@@ -4,13 +4,13 @@ sampler, write a grid, compute FID and append one row to the sweep's results fil
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffsweep.assembly import build_datamodule, check_shapes
@@ -26,6 +26,7 @@ from diffsweep.metrics.evaluator import balanced_labels
 from diffsweep.samplers import Sampler
 from diffsweep.results import EVAL_ROW_KEY, append_row
 from diffsweep.resume import finished_evaluation, mark_evaluation_done
+from diffsweep.targets import TargetPolicy, command_trusted_targets, safe_instantiate
 from diffsweep.validate import validate_eval_config
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,8 @@ def load_model(cfg: DictConfig, device: torch.device) -> EvaluatedModel:
                               head, adapt_sampler=model.adapt_sampler)
     checkpoint = read_checkpoint(ckpt_path)
     train_cfg = checkpoint.get("diffsweep_config") or {}
-    module = module_from_checkpoint(checkpoint, cfg.weights, source=str(ckpt_path)).to(device)
+    module = module_from_checkpoint(checkpoint, cfg.weights, source=str(ckpt_path),
+                                    trusted_targets=command_trusted_targets(cfg)).to(device)
     if sigma_rel is not None:
         module.load_state_dict(load_profile(ckpt_path, sigma_rel, checkpoint=checkpoint))
     head = {"ckpt_path": str(ckpt_path), "step": checkpoint.get("global_step", ""),
@@ -106,7 +108,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     finished = finished_evaluation(cfg, output_dir)  # a rerun sweep's finished job: nothing to redo
     if finished is not None:
-        append_row(Path(cfg.results_file).resolve(), finished, key=EVAL_ROW_KEY)  # no-op if there
+        append_row(Path(cfg.results_file).absolute(), finished, key=EVAL_ROW_KEY)  # no-op if there
         return finished
     console = console_options(cfg)
     quiet(console["show_warnings"])
@@ -116,7 +118,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     autocast_dtype(precision)  # an unknown precision fails before any work
     fid_config = (cfg.get("metrics") or {}).get("fid")
     # built before anything is sampled, so a bad metrics.fid.evaluator option fails first
-    evaluator = instantiate(fid_config.evaluator, seed=cfg.seed) if fid_config is not None else None
+    evaluator = safe_instantiate(fid_config.evaluator, policy=TargetPolicy.command(cfg),
+                                 config_key="metrics.fid.evaluator",
+                                 seed=cfg.seed) if fid_config is not None else None
     model = load_model(cfg, device)
     if model.data_config is None and fid_config is not None:
         raise ValueError("pretrained=... needs data=<dataset> for FID real statistics (e.g. "
@@ -126,10 +130,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # grid and FID sampling alike; one model: its weights can be compiled in
     sampling = {"precision": precision, "compile": bool(cfg.compile), "freeze_weights": True,
                 "compile_options": model.compile_options}
-    sampler = model.adapt_sampler(instantiate(cfg.sampler))
+    sampler = model.adapt_sampler(safe_instantiate(cfg.sampler, policy=TargetPolicy.command(cfg),
+                                                   config_key="sampler"))
     datamodule = None
     if model.data_config is not None:
-        datamodule = build_datamodule({"data": model.data_config})
+        datamodule = build_datamodule({"data": model.data_config},
+                                      trusted_targets=command_trusted_targets(cfg))
         check_shapes(image_shape, datamodule)
         datamodule.prepare_data()
         datamodule.setup("validate")
@@ -173,12 +179,31 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     row["wall_time_s"] = round(time.perf_counter() - job_started, 2)
     if cfg.get("ckpt_path"):
         row.setdefault("weights", cfg.weights)  # ema and raw are two measurements
-    results_file = Path(cfg.results_file).resolve()
+    results_file = Path(cfg.results_file).absolute()  # not resolve(): the writer refuses a symlink
     append_row(results_file, row, key=EVAL_ROW_KEY)  # a rerun replaces its row: no duplicates
-    log.info("Results row written to %s: %s", results_file, row)
+    log.info("%s; row written to %s", result_summary(row), os.path.normpath(results_file))
     _log_to_loggers(cfg, row, grid_path, model.train_config)
     mark_evaluation_done(cfg, output_dir, row)  # last: a rerun of this job is a no-op
     return row
+
+
+def result_summary(row: dict[str, Any]) -> str:
+    """One line for the console from a results row: sampler, steps, NFE, guidance, FID/KID with
+    their extractor and sample count, throughput and wall time (the whole row is in the results
+    file)."""
+    parts = [f"{row['sampler']} {row['num_steps']} steps (NFE {row['nfe']})"]
+    if row.get("guidance_scale") not in (None, ""):
+        parts.append(f"guidance {row['guidance_scale']:g}")
+    if row.get("weights"):
+        parts.append(f"{row['weights']} weights")
+    if row.get("fid") is not None:
+        quality = f"FID[{row.get('fid_extractor', '?')}] {row['fid']:.4g}"
+        if row.get("kid") is not None:
+            quality += f", KID {row['kid']:.4g}"
+        parts.append(f"{quality} ({row.get('fid_samples', '?')} samples)")
+    parts.append(f"{row['samples_per_s']:g} samples/s")
+    parts.append(f"{row['wall_time_s']:g} s")
+    return "Result: " + ", ".join(parts)
 
 
 def _guidance_scale(cfg: DictConfig, denoiser: Denoiser) -> float | None:
@@ -201,7 +226,7 @@ def _log_to_loggers(cfg: DictConfig, row: dict[str, Any], grid_path: Path,
     the sweep (:class:`diffsweep.loggers.ResultsSummary`)."""
     from diffsweep.loggers import log_evaluation
 
-    loggers = instantiate_dict(cfg.get("logger"), "logger")
+    loggers = instantiate_dict(cfg.get("logger"), "logger", policy=TargetPolicy.command(cfg))
     if not loggers:
         return
     step = row.get("step")

@@ -14,6 +14,12 @@ so that ``DiffusionPipeline.from_pretrained(out)`` samples what diffsweep sample
 trajectory (flow: the same Euler trajectory) from the same noise, up to float rounding. A folder
 without ``model_index.json`` is an unfinished export.
 
+Settings are checked before the checkpoint is read, each refusal one line naming the key, the
+value and what is allowed: ``weights`` ema|raw, ``pipeline`` ddim|ddpm|flow, ``overwrite`` a
+boolean (true/false, 1/0, yes/no in any case; ``overwrite=banana`` is refused, not true), ``out``
+a new or empty folder, or with ``overwrite=true`` one holding an earlier export and nothing else
+(:data:`EXPORT_ENTRIES`), whose files are replaced.
+
 Nets:
 
 - ``model=diffusers_unet`` (:class:`~diffsweep.nets.diffusers_unet.DiffusersUNet`) is a
@@ -96,6 +102,14 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 #: ``python -m diffsweep.export`` keys and their defaults (None: required).
 CLI_KEYS: dict[str, Any] = {"ckpt_path": None, "out": None, "weights": "ema", "pipeline": "ddim",
                             "overwrite": False}
+#: ``weights=`` choices: the EMA or the raw (trained) weights of a checkpoint.
+WEIGHTS = ("ema", "raw")
+#: What a boolean setting such as ``overwrite`` accepts (besides a bool), case-insensitively: the
+#: words Hydra-style ``key=value`` overrides give.
+FLAG_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+#: The entries of an export folder (:func:`export_pipeline`): ``overwrite=true`` replaces a folder
+#: holding these only, never one with other files.
+EXPORT_ENTRIES = ("model_index.json", "unet", "scheduler")
 
 
 class ExportError(ValueError):
@@ -322,13 +336,60 @@ def export_scheduler_config(schedule: NoiseSchedule, prediction_type: str, class
 # --------------------------------------------------------------------------- writing
 
 
-def _prepare_folder(out: Path, overwrite: bool) -> None:
+def parse_flag(key: str, value: Any) -> bool:
+    """``value`` of the boolean setting ``key`` as a bool: a bool, 0/1, or one of the words of
+    :data:`FLAG_WORDS` (any case); anything else is a one-line ValueError naming the key, the
+    value and what is allowed (``overwrite=banana`` is not true)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in FLAG_WORDS:
+        return FLAG_WORDS[value.strip().lower()]
+    raise ValueError(f"{key}={value!r} is not allowed; allowed: true or false (also 1/0, yes/no, "
+                     f"any case).")
+
+
+def check_choice_setting(key: str, value: Any, allowed: Sequence[str]) -> str:
+    """``value`` if it is one of ``allowed``, else a one-line ValueError naming the key."""
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{key}={value!r} is not allowed; allowed: {', '.join(allowed)}.")
+    return value
+
+
+def _foreign_entries(out: Path) -> list[str]:
+    """The entries of ``out`` that no export holds (:data:`EXPORT_ENTRIES`; unfinished writes'
+    hidden ``.partial`` files aside)."""
+    return sorted(entry.name for entry in out.iterdir()
+                  if entry.name not in EXPORT_ENTRIES
+                  and not (entry.name.startswith(".") and entry.name.endswith(".partial")))
+
+
+def check_out_folder(out: PathLike, overwrite: bool) -> None:
+    """Refuse (one line, before any work) an ``out`` that an export may not be written to: a file
+    (or a symlink to one), a non-empty folder without ``overwrite``, or with ``overwrite`` a folder
+    holding anything but an earlier export (:data:`EXPORT_ENTRIES`): overwrite replaces an
+    export, never other files."""
+    out = Path(out)
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"out={out} is a file; pass a folder.")
+        raise FileExistsError(f"out={out} is a file; pass a folder (new, empty, or an earlier "
+                              f"export with overwrite=true).")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"out={out} is not empty; pass overwrite=true to replace the "
+                              f"export there, or another folder.")
+    foreign = _foreign_entries(out)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+        raise FileExistsError(f"out={out} holds files that are not part of an export ({shown}); "
+                              f"overwrite=true replaces only an earlier export "
+                              f"({', '.join(EXPORT_ENTRIES)}); pass an empty or new folder.")
+
+
+def _prepare_folder(out: Path, overwrite: bool) -> None:
+    check_out_folder(out, overwrite)
     if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"out={out} is not empty; pass overwrite=true to replace the "
-                                  f"export there, or another folder.")
         (out / "model_index.json").unlink(missing_ok=True)  # unfinished until written again
         for pattern in WEIGHT_FILES:
             (out / "unet" / pattern.format(variant="")).unlink(missing_ok=True)
@@ -349,9 +410,13 @@ def export_pipeline(denoiser: Denoiser, image_shape: Sequence[int], out: PathLik
             (DDPMPipeline + FlowMatchEulerDiscreteScheduler) for a flow schedule.
         beta_range: ``(beta_start, beta_end)`` of a named discrete schedule, when known.
         metadata: extra provenance for ``unet/diffsweep.json`` (source checkpoint, weights).
+        overwrite: replace an earlier export in ``out`` (:func:`check_out_folder`; a bool or
+            a word of :func:`parse_flag`, checked first).
 
     Returns the folder. Files are written atomically, ``model_index.json`` last.
     """
+    overwrite = parse_flag("overwrite", overwrite)
+    check_out_folder(out, overwrite)
     pipeline = _pipeline_for(denoiser.schedule, pipeline)
     pipeline_class, scheduler_class = PIPELINES[pipeline]
     channels, height, width = (int(size) for size in image_shape)
@@ -393,8 +458,7 @@ def export_pipeline(denoiser: Denoiser, image_shape: Sequence[int], out: PathLik
 def _pipeline_for(schedule: NoiseSchedule, pipeline: str) -> str:
     """The :data:`PIPELINES` key ``pipeline`` means for ``schedule``: ``flow`` for ``ddim`` or
     ``flow`` on a flow schedule; ValueError for a choice the schedule's family has no use for."""
-    if pipeline not in PIPELINES:
-        raise ValueError(f"pipeline={pipeline!r}; allowed: {', '.join(PIPELINES)}.")
+    check_choice_setting("pipeline", pipeline, tuple(PIPELINES))
     if isinstance(schedule, FlowMatchingSchedule):
         if pipeline not in FLOW_PIPELINES:
             raise ExportError(f"pipeline={pipeline!r} has no flow-matching equivalent in "
@@ -433,11 +497,17 @@ def _beta_range_from_config(config: Mapping[str, Any] | None) -> tuple[float, fl
 def export_checkpoint(ckpt_path: PathLike, out: PathLike, weights: str = "ema",
                       pipeline: str = "ddim", overwrite: bool = False) -> Path:
     """Export a ``train.py`` checkpoint (``weights``: ``ema`` or ``raw``) with
-    :func:`export_pipeline`."""
+    :func:`export_pipeline`. Every setting (the checkpoint file, ``weights``, ``pipeline``,
+    ``overwrite``, the ``out`` folder) is checked before the checkpoint is read."""
     from diffsweep.checkpoints import load_module
 
-    if weights not in ("ema", "raw"):
-        raise ValueError(f"weights={weights!r}; allowed: ema, raw.")
+    check_choice_setting("weights", weights, WEIGHTS)
+    check_choice_setting("pipeline", pipeline, tuple(PIPELINES))
+    overwrite = parse_flag("overwrite", overwrite)
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path} is not a file; pass a checkpoint written "
+                                f"by train.py (e.g. <run>/checkpoints/last.ckpt).")
+    check_out_folder(out, overwrite)
     module = load_module(ckpt_path, weights)
     config = getattr(module, "config", None)
     return export_pipeline(module.denoiser, module.image_shape, out, pipeline=pipeline,
@@ -448,8 +518,9 @@ def export_checkpoint(ckpt_path: PathLike, out: PathLike, weights: str = "ema",
 
 
 def parse_args(argv: Sequence[str]) -> dict[str, Any]:
-    """``key=value`` arguments -> the :data:`CLI_KEYS` settings; ValueError for unknown keys,
-    missing required ones or malformed arguments."""
+    """``key=value`` arguments -> the :data:`CLI_KEYS` settings (``overwrite`` a bool, paths as
+    strings); a one-line ValueError for unknown keys, missing required ones, malformed arguments
+    and values outside a setting's choices (``weights``, ``pipeline``, ``overwrite``)."""
     malformed = [arg for arg in argv if "=" not in arg]
     if malformed:
         raise ValueError(f"Arguments must be key=value, got {malformed[0]!r}; keys: "
@@ -459,11 +530,19 @@ def parse_args(argv: Sequence[str]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"Unknown argument {unknown[0]!r}; keys: {', '.join(CLI_KEYS)}.")
     settings = {**CLI_KEYS, **given}
-    missing = [key for key, value in settings.items() if value is None]
+    missing = [key for key, default in CLI_KEYS.items() if default is None and
+               settings[key] in (None, "")]
     if missing:
         raise ValueError(f"Missing {missing[0]}=...; usage: python -m diffsweep.export "
                          f"ckpt_path=<ckpt> out=<folder> [weights=ema|raw] "
                          f"[pipeline=ddim|ddpm|flow] [overwrite=false].")
+    for key in ("ckpt_path", "out"):
+        if isinstance(settings[key], (dict, list)):
+            raise ValueError(f"{key}={settings[key]!r} is not allowed; allowed: a path.")
+        settings[key] = str(settings[key])
+    check_choice_setting("weights", settings["weights"], WEIGHTS)
+    check_choice_setting("pipeline", settings["pipeline"], tuple(PIPELINES))
+    settings["overwrite"] = parse_flag("overwrite", settings["overwrite"])
     return settings
 
 
@@ -471,17 +550,19 @@ def main(argv: Sequence[str] | None = None) -> Path:
     """``python -m diffsweep.export ckpt_path=... out=... [weights=ema|raw] ...``."""
     settings = parse_args(sys.argv[1:] if argv is None else argv)
     return export_checkpoint(settings["ckpt_path"], settings["out"], weights=settings["weights"],
-                             pipeline=settings["pipeline"], overwrite=bool(settings["overwrite"]))
+                             pipeline=settings["pipeline"], overwrite=settings["overwrite"])
 
 
-__all__ = ["ExportError", "FLOW_PIPELINES", "PIPELINES", "VP_PIPELINES", "continuous_vp_betas",
-           "convert_unet", "diffusers_net", "export_checkpoint", "export_pipeline",
-           "export_scheduler_config", "main", "parse_args", "unet2d_config", "unet2d_state_dict"]
+__all__ = ["EXPORT_ENTRIES", "ExportError", "FLAG_WORDS", "FLOW_PIPELINES", "PIPELINES",
+           "VP_PIPELINES", "WEIGHTS", "check_choice_setting", "check_out_folder",
+           "continuous_vp_betas", "convert_unet", "diffusers_net", "export_checkpoint",
+           "export_pipeline", "export_scheduler_config", "main", "parse_args", "parse_flag",
+           "unet2d_config", "unet2d_state_dict"]
 
 
 if __name__ == "__main__":
+    from diffsweep.console import command_line
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+    with command_line():  # a user error: "error: <message>" on stderr, exit status 1
         print(main())
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        sys.exit(f"error: {error}")

@@ -5,7 +5,9 @@ tables, caches, manifests, status files, grids) goes through :func:`atomic_write
 written to a hidden ``.<name>.<pid>.partial`` file beside the target, flushed and fsynced, renamed
 over the target with ``os.replace`` and the directory fsynced. A reader sees the old file or the
 new one, never a truncated one; a crash leaves at most a ``.partial`` file, which never shadows
-the real one. Nothing else in the package calls ``os.replace`` or ``flock``.
+the real one. Nothing else in the package calls ``os.replace`` or ``flock``. Append-only logs
+(``metrics.csv``) grow through :func:`append_text`: an append is kept whole or not at all. A full
+disk is :class:`DiskFullError` (one line) whichever way the writer reported it.
 
 Stable hashes (cache keys, fingerprints) are sha256 hex digests of a canonical JSON encoding
 (:func:`stable_hash`), of a file's bytes (:func:`file_sha256`) or of tensors
@@ -48,13 +50,38 @@ class DiskFullError(OSError):
         return self.message
 
 
-def is_disk_full(error: BaseException | None) -> bool:
-    """Whether ``error`` (or an error it was raised from) is an out-of-space OSError."""
+#: A file system with less free space than this (bytes) right after a write failed counts as
+#: full: writers that report errors without an errno (torch's zip writer) failed for lack of space.
+DISK_FULL_MARGIN_BYTES = 1 << 20
+
+
+def free_bytes(directory: PathLike) -> int | None:
+    """Bytes an unprivileged writer may still use on ``directory``'s file system (None: unknown)."""
+    try:
+        status = os.statvfs(directory)
+    except OSError:
+        return None
+    return status.f_bavail * status.f_frsize
+
+
+def is_disk_full(error: BaseException | None, directory: PathLike | None = None) -> bool:
+    """Whether ``error`` comes from a full disk: it (or an error it was raised from) is an
+    ENOSPC/EDQUOT OSError, or, given the ``directory`` written to, it is a write error without
+    that errno (a RuntimeError such as torch's ``enforce fail at inline_container.cc`` or
+    ``PytorchStreamWriter failed writing file``, or another OSError) while that file system has
+    less than :data:`DISK_FULL_MARGIN_BYTES` free. Probe before removing what the failed write
+    left, whose space counts as used."""
+    first = error
     while error is not None:
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         error = error.__cause__ or error.__context__
-    return False
+    if directory is None or not isinstance(first, (OSError, RuntimeError)):
+        return False
+    if isinstance(first, OSError) and first.errno not in (None, errno.EIO, errno.EFBIG):
+        return False  # an errno that names another cause (EACCES, EROFS, ...)
+    free = free_bytes(directory)
+    return free is not None and free < DISK_FULL_MARGIN_BYTES
 
 
 def fsync_directory(directory: PathLike) -> None:
@@ -80,7 +107,8 @@ def atomic_writer(path: PathLike, mode: str = "wb", mode_bits: int | None = 0o64
 
     ``mode`` is ``"wb"`` or ``"w"`` (text; ``open_kwargs`` such as ``newline`` pass through). On an
     error the partial file is removed and ``path`` is left as it was; a full disk raises
-    :class:`DiskFullError` naming the path and the free space.
+    :class:`DiskFullError` naming the path and the free space, whether the writer reported it as
+    an ENOSPC OSError or otherwise (:func:`is_disk_full`: torch's zip writer raises a RuntimeError).
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_writer mode must be 'w' or 'wb', got {mode!r}.")
@@ -95,9 +123,10 @@ def atomic_writer(path: PathLike, mode: str = "wb", mode_bits: int | None = 0o64
         if mode_bits is not None:
             os.chmod(partial, mode_bits)
         os.replace(partial, path)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:
+        full = not isinstance(error, DiskFullError) and is_disk_full(error, partial.parent)
         partial.unlink(missing_ok=True)
-        if is_disk_full(error) and not isinstance(error, DiskFullError):
+        if full:
             raise DiskFullError(path) from error
         raise
     finally:
@@ -123,9 +152,36 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
-    """``torch.save(obj)`` to ``path`` atomically."""
+    """``torch.save(obj)`` to ``path`` atomically. A full disk raises :class:`DiskFullError`
+    (not torch's ``RuntimeError: [enforce fail at inline_container.cc...]``); the temporary file
+    is removed and a previous file at ``path`` is unchanged."""
     with atomic_writer(path, "wb") as handle:
         torch.save(obj, handle)
+
+
+def append_text(path: PathLike, text: str, sync: bool = False) -> None:
+    """Append ``text`` (UTF-8) to ``path`` (created, with its folder, if missing), all or nothing:
+    a failed write truncates the file back to its previous length (or removes a file it created),
+    and a full disk raises :class:`DiskFullError`. ``sync``: fsync the file before returning."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    existed = path.is_file()
+    size = path.stat().st_size if existed else 0
+    try:
+        with open(path, "a", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            if sync:
+                os.fsync(handle.fileno())
+    except OSError as error:
+        full = not isinstance(error, DiskFullError) and is_disk_full(error, path.parent)
+        if existed:
+            os.truncate(path, size)  # frees space, needs none
+        else:
+            path.unlink(missing_ok=True)
+        if full:
+            raise DiskFullError(path) from error
+        raise
 
 
 def replace_atomically(source: PathLike, target: PathLike) -> None:
@@ -253,6 +309,16 @@ def file_sha256(path: PathLike) -> str:
     return _FILE_HASHES[key]
 
 
+def read_file_sha256(path: PathLike) -> str:
+    """sha256 hex digest of a file's bytes as they are on disk now (read in 1 MiB chunks, never
+    memoised: for checking that a cache still holds what its checksum recorded)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def tensors_sha256(named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
                    include_layout: bool = False) -> str:
     """sha256 over tensors in name order: each name, (with ``include_layout``) its dtype and
@@ -268,7 +334,8 @@ def tensors_sha256(named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[st
     return digest.hexdigest()
 
 
-__all__ = ["DiskFullError", "is_disk_full", "remove_stale_partials", "atomic_torch_save", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
+__all__ = ["DISK_FULL_MARGIN_BYTES", "append_text", "free_bytes",
+           "DiskFullError", "is_disk_full", "remove_stale_partials", "atomic_torch_save", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
            "atomic_writer", "bytes_sha256", "file_lock", "file_sha256", "fsync_directory",
-           "fsync_file", "is_locked", "partial_path", "replace_atomically", "stable_hash",
-           "tensors_sha256"]
+           "fsync_file", "is_locked", "partial_path", "read_file_sha256", "replace_atomically",
+           "stable_hash", "tensors_sha256"]

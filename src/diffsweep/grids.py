@@ -19,7 +19,8 @@ sigma~ with the schedule's table (linear interpolation in sigma~ between entries
 
 Every grid built here but ``quadratic`` is strictly decreasing for ``1 <= num_steps <= N`` (N training indices); a
 grid a caller builds by hand must be non-increasing (:func:`check_sigma_grid`), and a repeated value
-is a zero-length step, which every sampler skips (see :mod:`diffsweep.samplers`).
+is a zero-length step, which every sampler skips but UniPC's final corrector (see
+:mod:`diffsweep.samplers`).
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def check_num_steps(num_steps: int) -> int:
 def check_sigma_grid(sigmas: Tensor) -> None:
     """Raise a ValueError unless ``sigmas`` is a 1-D, finite, non-negative, non-increasing grid.
 
-    Repeated values are allowed (zero-length steps, which the samplers skip); an increase, a
+    Repeated values are allowed (zero-length steps, which the samplers skip but UniPC's final
+    corrector); an increase, a
     negative or a non-finite value, or another shape is an error naming the offending entries.
     """
     if not isinstance(sigmas, Tensor) or sigmas.ndim != 1 or len(sigmas) < 1:

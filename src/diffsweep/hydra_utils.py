@@ -10,9 +10,10 @@ from typing import Any, Mapping, Sequence
 import rich
 import rich.syntax
 import rich.tree
-from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from diffsweep.targets import TargetPolicy, safe_instantiate
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,12 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
-def instantiate_dict(cfg: DictConfig | None, what: str, **kwargs: Any) -> list[Any]:
-    """Instantiate every entry of a name -> config mapping that has a ``_target_`` (None skipped)."""
+def instantiate_dict(cfg: DictConfig | None, what: str, *,
+                     policy: TargetPolicy | None = None, **kwargs: Any) -> list[Any]:
+    """Instantiate every entry of a name -> config mapping that has a ``_target_`` (None skipped),
+    each by :func:`diffsweep.targets.safe_instantiate` under ``policy`` (default: the command's
+    config without trusted_targets; :meth:`~diffsweep.targets.TargetPolicy.command` adds them)."""
+    policy = policy or TargetPolicy()
     objects: list[Any] = []
     if not cfg:
         return objects
@@ -134,7 +139,8 @@ def instantiate_dict(cfg: DictConfig | None, what: str, **kwargs: Any) -> list[A
     for name, entry in cfg.items():
         if isinstance(entry, DictConfig) and "_target_" in entry:
             log.debug("Instantiating %s <%s>", what, entry._target_)
-            objects.append(instantiate(entry, **kwargs))
+            objects.append(safe_instantiate(entry, policy=policy, config_key=f"{what}.{name}",
+                                            **kwargs))
         elif entry is not None:
             raise ValueError(f"{what} entry {name!r} has no _target_.")
     return objects

@@ -213,7 +213,9 @@ class _HydraJobLauncher(_SubprocessScriptLauncher):
         os.environ["NODE_RANK"] = str(self.cluster_environment.node_rank())
         os.environ["LOCAL_RANK"] = str(self.cluster_environment.local_rank())
         os.environ["WORLD_SIZE"] = f"{self.num_processes * self.num_nodes}"
-        command = [sys.executable, "-m", "diffsweep.launch", str(path)]
+        # The task travels on the command line this process builds, never read back from the job
+        # file: a file in the run folder that someone edited cannot choose what a rank calls.
+        command = [sys.executable, "-m", "diffsweep.launch", str(path), job.task]
         log.info("Starting %d more DDP rank(s): LOCAL_RANK=1..%d %s", self.num_processes - 1,
                  self.num_processes - 1, " ".join(command))
         for local_rank in range(1, self.num_processes):
@@ -291,8 +293,12 @@ def _hydra_config(node: dict[str, Any]) -> DictConfig:
     return OmegaConf.create({"hydra": typed})
 
 
-def rank_main(job_file: str | Path) -> Any:
-    """A rank process: rebuild the job from ``job_file`` and run its task.
+def rank_main(job_file: str | Path, task: str) -> Any:
+    """A rank process: rebuild the job's config from ``job_file`` and run ``task`` on it.
+
+    ``task`` (``package.module:function``) comes from the launching process's command line, not
+    from the file; the config goes through the same target registry as any run
+    (:mod:`diffsweep.targets`).
 
     Sets ``HydraConfig`` from the saved node (without Hydra's run dir, config files or log file),
     logs to stderr at WARNING (rank 0 reports), runs in the job's working directory. A rank
@@ -314,13 +320,14 @@ def rank_main(job_file: str | Path) -> Any:
     os.chdir(str(document.cwd))
     cfg = document.config
     try:
-        return _load_task(str(document.task))(cfg)
+        return _load_task(task)(cfg)
     except Preempted:
         raise SystemExit(0) from None
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if len(sys.argv) != 3:
         sys.exit("usage: python -m diffsweep.launch <job dir>/.hydra/ddp_job.yaml "
-                 "(started by diffsweep.launch.HydraDDPStrategy for ranks > 0)")
-    rank_main(sys.argv[1])
+                 "<package.module:function> (started by diffsweep.launch.HydraDDPStrategy for "
+                 "ranks > 0)")
+    rank_main(sys.argv[1], sys.argv[2])

@@ -3,10 +3,15 @@ for all three (images, evaluation rows, final hyperparameters).
 
 Resumes: rerunning a killed command reuses its run directory (:mod:`diffsweep.resume`). The W&B
 run id is kept in ``<run dir>/wandb/run_id``, so the rerun continues the same W&B run
-(``resume="allow"``); ``metrics.csv`` is appended to, never rewritten; TensorBoard adds an event
-file beside the old ones. Every logger here drops the (step, metric) pairs an earlier attempt
-already wrote (read back from ``metrics.csv``, the W&B transaction logs ``run-<id>.wandb`` and
-the event files), so after a kill and a rerun each step is present once.
+(``resume="allow"``); ``metrics.csv`` is appended to; TensorBoard adds an event file beside the
+old ones. Every logger here writes a (step, metric) pair once: it drops the pairs an earlier
+attempt already wrote (read back from ``metrics.csv``, the W&B transaction logs
+``run-<id>.wandb`` and the event files) and those this attempt already wrote at its latest step.
+
+The history follows the checkpoints (:class:`CheckpointedHistory`, added to every training run):
+whatever was logged up to a checkpoint is on disk before the checkpoint is written, and the run
+resumed from it logs again what came after it (``metrics.csv`` drops those rows first). So after a
+kill at any moment, or a full disk, and a rerun, each logged (step, metric) is present once.
 
 Names: a W&B run's ``group`` is its sweep (the sweep directory's name) or, outside a sweep, its run
 directory's name; its ``name`` is the sweep's overrides of this job (``scheduler=cosine``);
@@ -36,6 +41,7 @@ from typing import Any, Iterable, Iterator, Mapping
 from urllib.parse import urlparse
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -407,52 +413,175 @@ def wandb_logged_steps(save_dir: str | Path, run_id: str) -> dict[int, set[str]]
     return logged
 
 
+#: Keys Lightning adds to every log call (not a measurement: never a reason to write a row).
+BOOKKEEPING_KEYS = frozenset({"epoch"})
+
+
 class _SkipLoggedBefore:
     """Mixin for a Lightning logger: ``log_metrics`` drops the (step, key) pairs an earlier
-    attempt of the run wrote (``self._logged_before``; keys as written, with the prefix)."""
+    attempt of the run wrote (``self._logged_before``; keys as written, with the prefix) and those
+    this attempt wrote at its latest step (:class:`CheckpointedHistory` logs a step's training
+    metrics before a checkpoint, Lightning logs them again after it). A call left with
+    bookkeeping keys only (``epoch``) writes nothing.
+
+    :meth:`persist` makes what was logged durable; :meth:`drop_history_after` forgets the steps
+    after a checkpoint (where the logger can)."""
 
     _logged_before: dict[int, set[str]]
+    _latest_step: int | None = None
+    _latest_keys: frozenset[str] | set[str] = frozenset()
+
+    def _full_key(self, key: str) -> str:
+        prefix = getattr(self, "_prefix", "") or ""
+        return f"{prefix}{getattr(self, 'LOGGER_JOIN_CHAR', '-')}{key}" if prefix else key
 
     def _not_logged_before(self, metrics: Mapping[str, Any], step: int | None) -> dict[str, Any]:
-        logged_before = getattr(self, "_logged_before", None) or {}
-        done = logged_before.get(int(step), set()) if step is not None else set()
-        if not done:
+        if step is None:
             return dict(metrics)
-        prefix = getattr(self, "_prefix", "") or ""
-        join = getattr(self, "LOGGER_JOIN_CHAR", "-")
-        return {key: value for key, value in metrics.items()
-                if (f"{prefix}{join}{key}" if prefix else key) not in done}
+        logged_before = getattr(self, "_logged_before", None) or {}
+        done = logged_before.get(int(step), set())
+        if int(step) == self._latest_step:
+            done = done | self._latest_keys
+        fresh = {key: value for key, value in metrics.items()
+                 if key in BOOKKEEPING_KEYS or self._full_key(key) not in done}
+        return fresh if any(key not in BOOKKEEPING_KEYS for key in fresh) else {}
+
+    def _remember(self, metrics: Mapping[str, Any], step: int | None) -> None:
+        """Record what this attempt wrote at ``step`` (only its latest step is kept)."""
+        if step is None:
+            return
+        if int(step) != self._latest_step:
+            self._latest_step, self._latest_keys = int(step), set()
+        self._latest_keys.update(self._full_key(key) for key in metrics)
+
+    def persist(self) -> None:
+        """Write what was logged so far to this logger's files (Lightning's ``save``)."""
+        self.save()  # type: ignore[attr-defined]
+
+    def drop_history_after(self, step: int) -> None:
+        """A run resumes from a checkpoint whose latest logged step is ``step`` (-1: from scratch):
+        the steps after it are logged again. Loggers that can rewrite their history drop them;
+        the others keep them and skip the repeats."""
+
+
+#: ``<save_dir>/wandb/<this, with the run id>``: the scalars logged up to the latest checkpoint.
+WANDB_JOURNAL_FILE = "history-{run_id}.jsonl"
+
+
+def _journal_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The plain numbers among logged values (media and text are not journaled)."""
+    return {str(key): value if isinstance(value, int) else float(value)
+            for key, value in metrics.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 class ResumableWandbLogger(_SkipLoggedBefore, WandbLogger):
     """``WandbLogger`` that continues its W&B run across reruns (build it with
     :func:`wandb_logger`): metrics an earlier attempt of the same id logged at a step are not
-    logged again."""
+    logged again.
+
+    W&B's service writes its transaction log ``run-<id>.wandb`` on its own schedule
+    (``flush_interval_s``), and a killed run's service dies with what it had not written. So the
+    scalars logged up to a checkpoint are also appended, fsynced, to a journal
+    (``wandb/history-<id>.jsonl``) before the checkpoint is written (:meth:`persist`); a resumed
+    run logs again, from the journal, those of its checkpoint's steps that no transaction log
+    holds (:meth:`drop_history_after`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         run_id, save_dir = self._wandb_init.get("id"), self._wandb_init.get("dir")
         self._logged_before = (wandb_logged_steps(save_dir, run_id)
                                if run_id and save_dir else {})
+        self._journal = (Path(save_dir) / "wandb" / WANDB_JOURNAL_FILE.format(run_id=run_id)
+                         if run_id and save_dir else None)
+        self._unjournaled: list[str] = []
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         metrics = self._not_logged_before(metrics, step)
         if metrics:
             super().log_metrics(metrics, step)
+            self._remember(metrics, step)
+            scalars = _journal_scalars(metrics)
+            if step is not None and scalars:
+                self._unjournaled.append(json.dumps({"step": int(step), "metrics": scalars}))
+
+    @rank_zero_only
+    def persist(self) -> None:
+        """Append the scalars logged since the last call to the journal, fsynced."""
+        from diffsweep.files import append_text
+
+        self.save()
+        if self._journal is not None and self._unjournaled:
+            append_text(self._journal, "".join(line + "\n" for line in self._unjournaled),
+                        sync=True)
+        self._unjournaled = []
+
+    def journal(self) -> dict[int, dict[str, float]]:
+        """``{step: {key: value}}`` in the journal (lines cut short by a kill are skipped)."""
+        logged: dict[int, dict[str, float]] = {}
+        if self._journal is None or not self._journal.is_file():
+            return logged
+        for line in self._journal.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+                logged.setdefault(int(record["step"]), {}).update(record["metrics"])
+            except (ValueError, KeyError, TypeError):
+                continue
+        return logged
+
+    @rank_zero_only
+    def drop_history_after(self, step: int) -> None:
+        """W&B keeps the steps after ``step``; those through it that the journal holds and no
+        transaction log does (written by W&B's service too late for a kill) are logged now."""
+        missing = 0
+        for logged_step, values in sorted(self.journal().items()):
+            if logged_step > step:
+                continue
+            done = self._logged_before.get(logged_step, set())
+            lost = {key: value for key, value in values.items()
+                    if key not in BOOKKEEPING_KEYS and self._full_key(key) not in done}
+            if not lost:
+                continue
+            lost.update({key: values[key] for key in BOOKKEEPING_KEYS if key in values})
+            WandbLogger.log_metrics(self, lost, logged_step)
+            self._logged_before.setdefault(logged_step, set()).update(
+                self._full_key(key) for key in lost)
+            missing += 1
+        self._latest_step, self._latest_keys = None, frozenset()
+        if missing:
+            log.info("W&B: logged again %d step(s) through step %d that the killed attempt's "
+                     "transaction log lacks (from %s).", missing, step, self._journal)
 
 
 # --------------------------------------------------------------------------------------- CSV
+def csv_row_step(row: Mapping[str, Any]) -> int | None:
+    """The ``step`` of a ``metrics.csv`` row (None when it has none or it is not a number)."""
+    value = row.get("step")
+    if value is None or value == "":
+        return None
+    try:
+        return int(float(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def _through(row: Mapping[str, Any], step: int) -> bool:
+    """Whether a row's step is known and at most ``step``."""
+    found = csv_row_step(row)
+    return found is not None and found <= step
+
+
 def csv_logged_steps(rows: Iterable[Mapping[str, str]]) -> dict[int, set[str]]:
     """``{step: {keys with a value}}`` of ``metrics.csv`` rows."""
     logged: dict[int, set[str]] = {}
     for row in rows:
-        try:
-            step = int(float(row.get("step") or ""))
-        except ValueError:
+        step = csv_row_step(row)
+        if step is None:
             continue
         logged.setdefault(step, set()).update(
-            key for key, value in row.items() if key != "step" and value not in ("", None))
+            key for key, value in row.items()
+            if key not in ("step", None) and value not in ("", None))
     return logged
 
 
@@ -462,7 +591,9 @@ def _appending_writer_class() -> type:
     class AppendingCSVWriter(ExperimentWriter):
         """Lightning's CSV writer, except that it keeps an existing ``metrics.csv``: its rows and
         header are read back (a last line cut short by a kill is dropped), new rows are appended,
-        and a header change rewrites the file atomically."""
+        and a header change rewrites the file atomically. A write that fails (a full disk:
+        :class:`~diffsweep.files.DiskFullError`, one line) leaves the file as it was and keeps the
+        rows buffered for the next :meth:`save`."""
 
         def __init__(self, log_dir: str) -> None:
             super().__init__(log_dir)
@@ -487,24 +618,74 @@ def _appending_writer_class() -> type:
             return csv_logged_steps(rows)
 
         def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
-            from diffsweep.files import atomic_write_text
-
             with open(self.metrics_file_path, newline="") as handle:
                 rows = list(csv.DictReader(handle))
+            self._rewrite(fieldnames, rows)
+
+        def _rewrite(self, fieldnames: list[str], rows: list[dict[str, Any]]) -> None:
+            from diffsweep.files import atomic_write_text
+
             buffer = io.StringIO()
-            writer = csv.DictWriter(buffer, fieldnames=fieldnames)
+            writer = csv.DictWriter(buffer, fieldnames=fieldnames, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
             atomic_write_text(self.metrics_file_path, buffer.getvalue())
+
+        def save(self) -> None:
+            """Append the buffered rows, whole or not at all
+            (:func:`~diffsweep.files.append_text`; a new column first rewrites the file
+            atomically). On an error the rows stay buffered."""
+            from diffsweep.files import append_text
+
+            if not self.metrics:
+                return
+            path = Path(self.metrics_file_path)
+            header = list(self.metrics_keys)  # the columns of the file on disk
+            new_keys = self._record_new_keys()
+            existed = path.is_file()
+            buffer = io.StringIO()
+            writer = csv.DictWriter(buffer, fieldnames=self.metrics_keys)
+            if not existed:
+                writer.writeheader()
+            writer.writerows(self.metrics)
+            try:
+                if new_keys and existed:
+                    self._rewrite_with_new_header(self.metrics_keys)
+                    header = list(self.metrics_keys)
+                append_text(path, buffer.getvalue())
+            except OSError:
+                self.metrics_keys = header
+                raise
+            self.metrics = []
+
+        def drop_rows_after(self, step: int) -> int:
+            """Remove the rows of steps after ``step`` (written and buffered; the file is
+            rewritten atomically); returns how many written rows went."""
+            self.metrics = [row for row in self.metrics if _through(row, step)]
+            path = Path(self.metrics_file_path)
+            if not path.is_file():
+                self.logged_before = {}
+                return 0
+            with open(path, newline="") as handle:
+                reader = csv.DictReader(handle)
+                rows = list(reader)
+                fieldnames = list(reader.fieldnames or self.metrics_keys)
+            kept = [row for row in rows if _through(row, step)]
+            if len(kept) < len(rows):
+                self._rewrite(fieldnames, kept)
+            self.logged_before = csv_logged_steps(kept)
+            return len(rows) - len(kept)
 
     return AppendingCSVWriter
 
 
 class ResumableCSVLogger(_SkipLoggedBefore, CSVLogger):
-    """``CSVLogger`` whose ``metrics.csv`` survives reruns: appended to, never truncated; a
-    (step, metric) already in the file is not written again. Rows are flushed every
-    ``flush_logs_every_n_steps`` log calls and whenever a checkpoint is saved, so a resumed run
-    finds every step up to its checkpoint."""
+    """``CSVLogger`` whose ``metrics.csv`` survives reruns: appended to; a (step, metric) already
+    in the file is not written again. Rows are written every ``flush_logs_every_n_steps`` log
+    calls and, fsynced, before every checkpoint (:class:`CheckpointedHistory`), so a resumed run
+    finds every step up to its checkpoint; the rows after it are dropped when the run resumes
+    (they are logged again). A full disk raises :class:`~diffsweep.files.DiskFullError` (one line)
+    with the file as it was and the rows kept in memory."""
 
     def __init__(self, save_dir: str | Path, name: str | None = "csv",
                  version: int | str | None = "", prefix: str = "",
@@ -527,10 +708,32 @@ class ResumableCSVLogger(_SkipLoggedBefore, CSVLogger):
         metrics = self._not_logged_before(metrics, step)
         if metrics:
             super().log_metrics(metrics, step)
+            self._remember(metrics, step)
 
     @rank_zero_only
     def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
         self.save()
+
+    @rank_zero_only
+    def persist(self) -> None:
+        """Write the buffered rows and fsync ``metrics.csv``."""
+        from diffsweep.files import fsync_file
+
+        self.save()
+        path = Path(self.experiment.metrics_file_path)
+        if path.is_file():
+            fsync_file(path)
+
+    @rank_zero_only
+    def drop_history_after(self, step: int) -> None:
+        """Remove the rows of steps after ``step`` from ``metrics.csv`` (they are logged again)."""
+        dropped = self.experiment.drop_rows_after(step)
+        self._logged_before = self.experiment.logged_before
+        self._latest_step, self._latest_keys = None, frozenset()
+        if dropped:
+            log.info("%s: dropped %d row(s) after step %d, logged after the checkpoint this run "
+                     "resumes from (the resumed run logs them again).",
+                     self.experiment.metrics_file_path, dropped, step)
 
 
 # ------------------------------------------------------------------------------- TensorBoard
@@ -568,6 +771,162 @@ class ResumableTensorBoardLogger(_SkipLoggedBefore, TensorBoardLogger):
         metrics = self._not_logged_before(metrics, step)
         if metrics:
             super().log_metrics(metrics, step)
+            self._remember(metrics, step)
+
+    @rank_zero_only
+    def persist(self) -> None:
+        """Flush the event file and fsync the event files."""
+        from diffsweep.files import fsync_file
+
+        self.save()
+        for path in Path(self.log_dir).glob("events.out.tfevents.*"):
+            fsync_file(path)
+
+
+# ------------------------------------------------------------------ history and checkpoints
+#: Checkpoint entry written by :class:`CheckpointedHistory`: the latest logging step the
+#: checkpoint covers and whether the validation of its step had yet to run.
+HISTORY_CHECKPOINT_KEY = "diffsweep_history"
+
+
+def _training_metrics_pending(trainer: Any) -> bool:
+    """Whether the trainer is inside ``on_train_batch_end``: the step's training metrics are not
+    logged yet (Lightning logs them after the hook) and its validation has not run."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress.total
+    return bool(trainer.training and progress.processed > progress.completed)
+
+
+def _log_step_metrics_now(trainer: Any) -> None:
+    """Log the current step's training metrics to the resumable loggers now, as Lightning's
+    logger connector would after ``on_train_batch_end`` (its own call then writes nothing new)."""
+    from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
+
+    connector = trainer._logger_connector
+    loop = trainer.fit_loop.epoch_loop
+    if loop._should_accumulate() and trainer.lightning_module.automatic_optimization:
+        return
+    if trainer._results is None or connector._first_loop_iter is None:
+        return
+    if not (connector.should_update_logs or trainer.fast_dev_run):
+        return
+    metrics = convert_tensors_to_scalars(dict(connector.metrics["log"]))
+    if not metrics:
+        return
+    step = metrics.pop("step", None)
+    if step is None:
+        metrics.setdefault("epoch", trainer.current_epoch)
+        step = loop._batches_that_stepped
+    for logger in trainer.loggers:
+        if isinstance(logger, _SkipLoggedBefore):
+            logger.log_metrics(metrics, step=int(step))
+
+
+def _validation_follows(trainer: Any) -> bool:
+    """Whether Lightning validates at the end of the current training batch."""
+    loop = trainer.fit_loop.epoch_loop
+    if loop._skip_next_val:
+        return False
+    return bool(loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+
+
+def _checkpoint_log_step(checkpoint: Mapping[str, Any]) -> int | None:
+    """The latest logging step a checkpoint covers (None: unknown)."""
+    record = checkpoint.get(HISTORY_CHECKPOINT_KEY)
+    if isinstance(record, Mapping) and record.get("log_step") is not None:
+        return int(record["log_step"])
+    loops = checkpoint.get("loops") or {}
+    state = (loops.get("fit_loop") or {}).get("epoch_loop.state_dict") or {}
+    found = state.get("_batches_that_stepped")
+    return int(found) if found is not None else None
+
+
+class CheckpointedHistory(Callback):
+    """Keep the logged history (``metrics.csv``, TensorBoard, W&B) in step with the checkpoints,
+    so that a run killed at any moment (or stopped by a full disk) and rerun holds every logged
+    (step, metric) exactly once.
+
+    Invariant: everything logged up to a checkpoint is on disk (written and fsynced) before the
+    checkpoint is written; everything logged after it is logged again by the run resumed from it.
+
+    - Before any checkpoint is written (``on_save_checkpoint``: periodic, preemption and manual
+      saves alike), the step's training metrics are logged (Lightning logs them only after
+      ``on_train_batch_end``, where checkpoints are saved) and every logger is saved; the
+      resumable ones fsync their files. A failure there (a full disk:
+      :class:`~diffsweep.files.DiskFullError`) fails the checkpoint write, so the previous
+      checkpoint stays the resume point.
+    - The checkpoint records its latest logging step and whether the validation of its step
+      (which Lightning runs after ``on_train_batch_end``) was still to run.
+    - When a resumed run starts training, ``metrics.csv`` keeps the rows through that step and
+      drops the later ones (a run that starts from scratch drops all): they were logged with
+      weights that were lost, and are logged again. W&B and TensorBoard keep theirs and skip the
+      repeats. Then a validation still to run at the checkpoint's step runs (Lightning's restart
+      would skip it): its metrics and sample grid are logged once, at the step the uninterrupted
+      run logs them, before the first training step.
+    """
+
+    def __init__(self) -> None:
+        self._restored = False
+        self._restored_log_step: int | None = None
+        self._restored_epoch: int | None = None
+        self._validation_pending = False
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any,
+                           checkpoint: dict[str, Any]) -> None:
+        in_batch_end = _training_metrics_pending(trainer)
+        if in_batch_end:
+            _log_step_metrics_now(trainer)
+        for logger in trainer.loggers:
+            if isinstance(logger, _SkipLoggedBefore):
+                logger.persist()
+            else:
+                logger.save()
+        checkpoint[HISTORY_CHECKPOINT_KEY] = {
+            "log_step": int(trainer.fit_loop.epoch_loop._batches_that_stepped),
+            "validation_pending": bool(in_batch_end and _validation_follows(trainer))}
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any,
+                           checkpoint: dict[str, Any]) -> None:
+        record = checkpoint.get(HISTORY_CHECKPOINT_KEY)
+        self._restored = True
+        self._restored_log_step = _checkpoint_log_step(checkpoint)
+        self._validation_pending = bool(isinstance(record, Mapping)
+                                        and record.get("validation_pending"))
+        epoch = checkpoint.get("epoch")
+        self._restored_epoch = int(epoch) if epoch is not None else None
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if not self._restored or self._restored_log_step is not None:
+            keep_through = self._restored_log_step if self._restored else -1
+            for logger in trainer.loggers:
+                if isinstance(logger, _SkipLoggedBefore):
+                    logger.drop_history_after(keep_through)
+        if self._validation_pending:
+            self._validation_pending = False
+            self._validate(trainer, self._restored_epoch)
+
+    @staticmethod
+    def _validate(trainer: Any, epoch: int | None) -> None:
+        """Run the validation of the restored step, as Lightning's training epoch loop does after
+        a training batch (``on_advance_end``), in the checkpoint's ``epoch`` (a checkpoint of an
+        epoch's last batch restores into the next epoch)."""
+        if trainer.is_global_zero:
+            log.info("Validating step %d, which the checkpoint this run resumes from was saved "
+                     "before.", trainer.global_step)
+        connector = trainer._logger_connector
+        first_loop_iter = connector._first_loop_iter
+        epoch_progress = trainer.fit_loop.epoch_progress.current
+        restored_epoch = epoch_progress.completed
+        val_loop = trainer.fit_loop.epoch_loop.val_loop
+        trainer.validating = True
+        val_loop.restarting = False  # a whole validation, not the rest of an interrupted one
+        if epoch is not None:
+            epoch_progress.completed = epoch  # trainer.current_epoch, logged with the metrics
+        try:
+            val_loop.run()
+        finally:
+            epoch_progress.completed = restored_epoch
+            trainer.training = True
+            connector._first_loop_iter = first_loop_iter
 
 
 # ------------------------------------------------------------------------ end of a run / eval

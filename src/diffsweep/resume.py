@@ -17,7 +17,14 @@ Done markers
     and a digest of the job config (``evaluate.py``). Rerunning a sweep in the same
     ``hydra.sweep.dir`` (or a run with the same ``hydra.run.dir``) skips those jobs without
     touching their outputs and continues the others from their newest checkpoint
-    (:func:`find_resume_point`, :func:`finished_evaluation`).
+    (:func:`find_resume_point`, :func:`finished_evaluation`), or from the one before when the
+    newest holds the last step (the run was stopped in its final validation, grid or metrics,
+    which Lightning would not run again from there).
+
+Logged history
+    Every training run gets :class:`~diffsweep.loggers.CheckpointedHistory`
+    (:meth:`ResumePoint.callbacks`): what was logged up to a checkpoint is on disk before it, and
+    a resumed run logs what came after it once (``metrics.csv`` drops those rows first).
 
 Config changes on resume
     The checkpoint stores its resolved run config (``diffsweep_config``). Resuming compares it key
@@ -85,6 +92,8 @@ SAFE_ON_RESUME: tuple[str, ...] = (
     "module.compile", "module.compile_options",
     # how this run was started
     "ckpt_path", "resume", "resume_allow_changes", "choices",
+    # switches that only turn a validation check off
+    "allow_unusual_lr",
 )
 #: Keys that set how long a run trains: a finished run with a longer schedule continues.
 RUN_LENGTH_KEYS = ("trainer.max_steps", "trainer.max_epochs", "trainer.max_time",
@@ -221,7 +230,8 @@ def run_status(run_dir: str | Path, signature: str, enabled: bool = True) -> Ite
     On entry stale partial files of killed writers are removed (:func:`remove_stale_partials`).
     Leaving the block normally marks the run ``finished`` (then writes ``done.json`` when
     :meth:`RunRecord.conclude` recorded one), or ``stopped`` when ``conclude`` found training cut
-    short; an exception marks it ``failed``. ``enabled=False`` (DDP ranks > 0) does nothing.
+    short; an exception marks it ``failed`` (where the disk lets it; the exception is raised
+    either way). ``enabled=False`` (DDP ranks > 0) does nothing.
     """
     record = RunRecord()
     if not enabled:
@@ -241,7 +251,10 @@ def run_status(run_dir: str | Path, signature: str, enabled: bool = True) -> Ite
         try:
             yield record
         except BaseException:
-            _write_status(run_dir, signature, "failed")
+            try:
+                _write_status(run_dir, signature, "failed")
+            except OSError as status_error:  # a full disk: the run's own error is the one to see
+                log.warning("Could not mark %s failed: %s", run_dir, status_error)
             raise
         _write_status(run_dir, signature, "finished" if record.complete else "stopped")
         if record.done is not None:
@@ -455,15 +468,19 @@ class ResumePoint:
     finished: dict[str, Any] | None = None
 
     def callbacks(self) -> list[L.Callback]:
-        """Callbacks that apply the changes Lightning's restore would undo (optimizer
-        hyperparameters)."""
+        """Callbacks of a training run that resumes here: the logged history kept in step with
+        the checkpoints (:class:`~diffsweep.loggers.CheckpointedHistory`, every run), and the
+        changes Lightning's restore would undo (optimizer hyperparameters)."""
+        from diffsweep.loggers import CheckpointedHistory
+
         prefix = "module.optimizer."
         hyperparameters = {change.key[len(prefix):]: change.new for change in self.changes
                            if change.key.startswith(prefix)
                            and change.key[len(prefix):] in OPTIMIZER_HYPERPARAMETERS
                            and change.new is not _ABSENT}
-        return [ApplyOptimizerChanges(hyperparameters)] if hyperparameters and self.ckpt_path \
-            else []
+        optimizer = ([ApplyOptimizerChanges(hyperparameters)]
+                     if hyperparameters and self.ckpt_path else [])
+        return [CheckpointedHistory(), *optimizer]
 
 
 def _trains_further(changes: Sequence[ConfigChange], done: Mapping[str, Any]) -> bool:
@@ -482,13 +499,59 @@ def checkpoint_folder(cfg: DictConfig, output_dir: str | Path) -> Path:
                                  default=str(Path(output_dir) / "checkpoints")))
 
 
+def newest_checkpoint_before(directory: str | Path, step: int) -> Path | None:
+    """The readable training checkpoint in ``directory`` with the highest global step below
+    ``step`` (ties: ``last.ckpt``, then the newer file), or None."""
+    from diffsweep.checkpoints import load_weights_only
+
+    best: tuple[tuple[int, bool, float], Path] | None = None
+    for candidate in Path(directory).glob("*.ckpt"):
+        try:
+            checkpoint = load_weights_only(candidate)
+        except ValueError:  # unreadable: not a resume point (find_resume_checkpoint warned)
+            continue
+        global_step = int(checkpoint.get("global_step", 0))
+        if "loops" not in checkpoint or global_step >= step:
+            continue
+        rank = (global_step, candidate.name == "last.ckpt", candidate.stat().st_mtime)
+        if best is None or rank > best[0]:
+            best = (rank, candidate)
+    return best[1] if best else None
+
+
+def _resume_before_the_end(cfg: DictConfig, folder: Path, found: Path) -> Path:
+    """``found``, or the newest checkpoint before it when ``found`` holds the run's last step
+    (``trainer.max_steps``) of a run that did not finish.
+
+    Such a run was stopped after its last checkpoint, in the final validation, sample grid, FID
+    or before its done marker; Lightning, resumed there, ends ``fit`` at once and none of those
+    would run or be logged. From the checkpoint before, the last steps train again (to the same
+    weights) and the end of the run happens once.
+    """
+    from diffsweep.checkpoints import load_weights_only
+
+    max_steps = OmegaConf.select(cfg, "trainer.max_steps", default=None)
+    if not isinstance(max_steps, int) or max_steps <= 0:
+        return found
+    if int(load_weights_only(found).get("global_step", -1)) != max_steps:
+        return found
+    earlier = newest_checkpoint_before(folder, max_steps)
+    if earlier is None:
+        return found
+    log.info("%s holds the last step (%d) of a run that did not finish; resuming from %s so that "
+             "the end of the run (final validation, grids, metrics) runs.", found, max_steps,
+             earlier)
+    return earlier
+
+
 def find_resume_point(cfg: DictConfig, output_dir: str | Path) -> ResumePoint:
     """Decide how a training run starts, before anything is built or written.
 
     - ``ckpt_path`` given: continue from it (its config checked by :func:`check_resume_config`).
     - ``resume=auto``: a job whose ``done.json`` says it finished with this config is finished
       (a longer ``trainer.max_steps`` continues it); else continue from the newest checkpoint in
-      the checkpoint folder (:func:`~diffsweep.checkpoints.find_resume_checkpoint`), if any.
+      the checkpoint folder (:func:`~diffsweep.checkpoints.find_resume_checkpoint`), if any;
+      when that one holds the last step, the one before it (:func:`_resume_before_the_end`).
     - ``resume=never``: from scratch; refused when the run directory already holds another run's
       checkpoints or done marker (a later ``resume=auto`` would mix the two).
 
@@ -525,6 +588,7 @@ def find_resume_point(cfg: DictConfig, output_dir: str | Path) -> ResumePoint:
         found = find_resume_checkpoint(folder)
         if found is None:
             return ResumePoint()
+        found = _resume_before_the_end(cfg, folder, found)
         log.info("Resuming from %s", found)
         ckpt_path = str(found)
     stored = read_checkpoint(ckpt_path).get("diffsweep_config")
@@ -559,6 +623,7 @@ def evaluation_digest(cfg: DictConfig) -> str:
 
     config = run_config_dict(cfg)
     config.pop("paths", None)  # the job directory is where the marker lives, not what it did
+    config.pop("trusted_targets", None)  # what may be built, not what was measured
     return stable_hash({"config": config,
                         "model": _source_stamp(cfg.get("ckpt_path") or cfg.get("pretrained"))})
 
@@ -585,5 +650,6 @@ __all__ = ["ApplyOptimizerChanges", "ConfigChange", "DONE_FILE", "LOCK_FILE", "R
            "RunRecord", "SAFE_ON_RESUME", "STATUS_FILE", "check_resume_config", "checkpoint_folder",
            "claim_new_dir", "config_changes", "evaluation_digest", "find_resume_point",
            "finished_evaluation", "flatten_config", "key_matches", "mark_evaluation_done",
+           "newest_checkpoint_before",
            "read_done", "read_status", "resumable_run_dir", "run_status",
            "training_complete", "write_done"]

@@ -7,18 +7,37 @@ Every sampler has the signature ``fn(denoiser, x, sigmas, generator=None, **opti
 - ``sigmas`` is a decreasing float64 grid ending at 0 (see :mod:`diffsweep.grids`),
 - ``generator`` drives all noise a stochastic sampler draws (on ``x.device``).
 
-The result is the sample at sigma~ = 0, i.e. in data space for every schedule. Samplers never
-convert prediction types; that happens in the denoiser.
+The result is the sample at sigma~ = 0, i.e. in data space for every schedule (on a grid that stops
+above 0, the sample x~ at ``sigmas[-1]``). Samplers never convert prediction types; that happens
+in the denoiser.
 
-Repeated sigmas. A grid may repeat a value (a hand-built grid, timesteps rounded to integers); the
-step between equal values has zero length, and every sampler skips it: no network call, no noise,
-no entry in a multistep history. A grid with repeats therefore samples exactly (bitwise) as the
-same grid with the repeats removed, with that grid's NFE. This is the one consistent reading of a
-zero-length step for every method (Euler/DDIM/Heun would otherwise spend a network call to stay
-put; DPM-Solver++, UniPC and LMS divide by the step length, and diffusers 0.42's
-``DPMSolverMultistepScheduler``, ``UniPCMultistepScheduler`` and ``LMSDiscreteScheduler`` return
-NaN on such a grid; older diffusers de-duplicated DPM-Solver's timesteps). The grids of
-:mod:`diffsweep.grids` never repeat; :func:`diffsweep.grids.check_sigma_grid` refuses an increase.
+Zero-length steps. A grid may repeat a value (diffusers' ``final_sigmas_type="sigma_min"`` grids
+repeat their last sigma; hand-built grids; timesteps rounded to integers): the step between equal
+values has zero length. Every sampler skips it (no network call, no noise, no entry in a multistep
+history), with one exception: UniPC's final corrector. So a grid with repeats samples exactly
+(bitwise) as the same grid with the repeats removed, with that grid's NFE, except that on a grid
+ending in a repeated value ``s > 0`` after a step that moves, UniPC evaluates the net at ``s`` and
+applies UniC to the step that ended there: one more evaluation, as diffusers does
+(:func:`sample_unipc`). :meth:`SamplerMethod.nfe_on` counts exactly the evaluations made. The grids
+of :mod:`diffsweep.grids` never repeat; :func:`diffsweep.grids.check_sigma_grid` refuses an
+increase.
+
+What diffusers 0.42 does on a zero-length step ("same": the sample ours gives, checked by
+tests/test_samplers_conformance.py on a grid whose last sigma is repeated):
+
+- Euler, Heun, DPM-Solver++ 2M and 2M SDE: it evaluates the net and moves by zero (the factors
+  ``sigma_next - sigma`` and ``expm1(-h)`` vanish; the SDE noise gets std 0): same, with one
+  wasted evaluation (Heun: two). On a repeat mid-grid Euler and Heun are the same too, while
+  DPM-Solver++'s next second-order step divides by the zero step (``r = h_prev / h``): NaN.
+- UniPC: on a repeated final sigma (``use_karras_sigmas`` with ``final_sigmas_type="sigma_min"``)
+  it evaluates the net and corrects the last step: same, with the same NFE. On a repeat mid-grid
+  its next corrector returns NaN at order >= 2.
+- Euler ancestral, LMS: diffusers' API never builds such a grid; their step on a grid whose last
+  sigma is repeated (sigmas set by hand) moves by zero (``sigma_up = 0``; LMS weights integrate
+  over an empty interval): same. LMS on a repeat mid-grid: NaN (its Lagrange basis divides by the
+  zero step).
+- DDIM, DDPM: diffusers has no zero-length step (DDIM steps from t to ``t - N // n``; DDPM refuses
+  custom timesteps that do not decrease); ours skip it as Euler and ancestral sampling do.
 
 Predicted-x0 clipping (``ddim``, ``ddpm``): ``clip_sample`` and dynamic ``thresholding`` act on
 x0_hat exactly as diffusers' ``DDIMScheduler``/``DDPMScheduler`` do (:class:`X0Clipping`); x0 is the
@@ -180,6 +199,8 @@ def _ddim_steps(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor,
     posterior mean, which is affine in x0 and x_t; DDIM with ``use_clipped_model_output``), else the
     unclipped ``x0_hat`` (DDIM's default: the net's own eps). Without clipping both are ``x0_hat``:
     ``x0 + (sigma_down / sigma) (x - x0)``. One noise draw per step except the step to sigma~ = 0.
+    A zero-length step is skipped (no evaluation, no noise draw): with ``sigma_next = sigma`` the
+    update is ``x`` itself (``sigma_up = 0``, ``sigma_down = sigma``).
     """
     clip = clipping if clipping is not None and clipping.enabled else None
     for sigma, sigma_next in _steps(sigmas):
@@ -201,7 +222,8 @@ def sample_euler(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor,
     """Euler on the probability-flow ODE in sigma~; identical to DDIM with eta = 0.
 
     Written as ``x0 + (sigma_next / sigma) (x - x0)`` (DDIM's form), which rounds less than
-    ``x + (sigma_next - sigma) d`` and is the same map.
+    ``x + (sigma_next - sigma) d`` and is the same map. A zero-length step is skipped; diffusers'
+    ``EulerDiscreteScheduler`` evaluates the net there and moves by ``dt = 0``: the same sample.
     """
     return _ddim_steps(denoiser, x, sigmas, generator, eta=0.0)
 
@@ -213,6 +235,9 @@ def sample_ancestral(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor,
 
     With ``eta = 1`` this is DDPM ancestral sampling (and diffusers' Euler ancestral); with
     ``0 <= eta <= 1`` it is DDIM(eta). One noise draw per step except the step to sigma~ = 0.
+    A zero-length step is skipped (no evaluation, no noise draw); diffusers'
+    ``EulerAncestralDiscreteScheduler`` step on one (a hand-set grid) moves by zero and adds noise
+    of std ``sigma_up = 0``: the same sample.
     """
     _check_eta(eta)
     return _ddim_steps(denoiser, x, sigmas, generator, eta=eta)
@@ -229,6 +254,7 @@ def sample_ddim(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor,
     ``clip_sample``/``thresholding`` clip x0_hat each step (:class:`X0Clipping`) as diffusers'
     ``DDIMScheduler``: the step keeps the net's eps unless ``use_clipped_model_output``, which takes
     eps from the clipped x0 (GLIDE; diffusers' ``step(use_clipped_model_output=True)``).
+    A zero-length step is skipped (diffusers' DDIM never takes one: it steps t -> t - N // n).
     """
     _check_eta(eta)
     clipping = X0Clipping(clip_sample, clip_sample_range, thresholding,
@@ -248,6 +274,7 @@ def sample_ddpm(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor,
 
     ``clip_sample``/``thresholding`` clip x0_hat each step (:class:`X0Clipping`) as diffusers'
     ``DDPMScheduler``, whose posterior mean ``c0 x0 + ct x_t`` then uses the clipped x0.
+    A zero-length step is skipped (diffusers' DDPM refuses custom timesteps that repeat).
     """
     _check_eta(eta)
     clipping = X0Clipping(clip_sample, clip_sample_range, thresholding,
@@ -323,6 +350,10 @@ def sample_heun(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor,
     unchanged. NFE: two per step, one on a step to 0 or from the pole: ``2 num_steps - 1`` below
     the pole, ``2 num_steps - 2`` on a flow grid from it (:func:`heun_nfe_on`,
     :meth:`Sampler.nfe_on`).
+
+    A zero-length step is skipped (:func:`heun_plan`); diffusers' ``HeunDiscreteScheduler``
+    (custom timesteps that repeat) evaluates the net twice there and moves by ``dt = 0``: the
+    same sample.
     """
     for sigma, sigma_next, gamma, corrected in heun_plan(sigmas, s_churn, s_tmin, s_tmax):
         sigma_hat = sigma * (1 + gamma)
@@ -346,6 +377,8 @@ def sample_dpmpp_2m(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor,
     ``x <- r x + (1 - r) (x0 + (h / 2 h_prev) (x0 - x0_prev))`` with ``r = sigma_next / sigma``,
     ``h = log(sigma / sigma_next)``; first order (DDIM) on the first step and on the final step to
     sigma~ = 0, as diffusers' ``DPMSolverMultistepScheduler`` (``lower_order_final``) does.
+    A zero-length step is skipped; diffusers evaluates the net on a repeated final sigma
+    (``final_sigmas_type="sigma_min"``) and moves by ``expm1(-h) = 0``: the same sample.
     """
     x0_prev, h_prev = None, None
     for sigma, sigma_next in _steps(sigmas):
@@ -368,6 +401,8 @@ def sample_dpmpp_2m_sde(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor,
     With ``e = exp(-(1 + eta) h)``: ``x <- r exp(-eta h) x + (1 - e) (x0 + (h / 2 h_prev) (x0 -
     x0_prev)) + sigma_next sqrt(1 - exp(-2 eta h)) s_noise z``. ``eta = 1`` is diffusers' solver,
     ``eta = 0`` is :func:`sample_dpmpp_2m`. First order on the first step; the step to 0 returns x0.
+    A zero-length step is skipped (no evaluation, no noise draw); diffusers evaluates the net on a
+    repeated final sigma and moves by zero, its noise scaled by 0: the same sample.
     """
     _check_eta(eta)
     x0_prev, h_prev = None, None
@@ -446,9 +481,21 @@ def sample_unipc(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor,
     that evaluation; not on the first step), then predict the next point (UniP). The order warms
     up from 1 and drops near the end (``lower_order_final``): ``min(order, i + 1, num_steps - i)``;
     the step to sigma~ = 0 returns x0 and no corrector follows it. NFE = num_steps.
+
+    Zero-length steps are skipped, except a repeated final value ``s > 0`` after a step that moves
+    (:func:`unipc_has_final_corrector`; diffusers' grids with ``final_sigmas_type="sigma_min"``):
+    that step evaluates x0 at ``s``, corrects the point the last step predicted with it (UniC, at
+    that step's order) and returns the corrected point; its own predictor, over ``h = 0``, is the
+    identity (in diffusers too: ``expm1(-h) = 0`` multiplies every term). It counts as a step for
+    ``lower_order_final``, so the step before it keeps its order, and its evaluation counts in the
+    NFE (num_steps = the grid's intervals). This is diffusers' ``UniPCMultistepScheduler`` on such
+    a grid. Mid-grid a repeat changes nothing: the evaluation it would make at ``s`` is the one
+    the next step makes anyway (diffusers returns NaN there at order >= 2).
     """
     _check_unipc_order(order)
     steps = _steps(sigmas)
+    final_corrector = unipc_has_final_corrector(sigmas)
+    num_steps = len(steps) + final_corrector
     history: list[tuple[float, Tensor]] = []
     x_last, last_order = x, 1
     for i, (sigma, sigma_next) in enumerate(steps):
@@ -456,10 +503,23 @@ def sample_unipc(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor,
         if history:
             x = _unipc_update(x_last, steps[i - 1][0], sigma, history, last_order, x0_new=x0)
         history = (history + [(-math.log(sigma), x0)])[-order:]
-        last_order = min(order, i + 1, len(steps) - i)
+        last_order = min(order, i + 1, num_steps - i)
         x_last = x
         x = _unipc_update(x, sigma, sigma_next, history, last_order)
+    if final_corrector:
+        sigma_from, sigma = steps[-1]
+        x = _unipc_update(x_last, sigma_from, sigma, history, last_order,
+                          x0_new=_denoise(denoiser, x, sigma))
     return x
+
+
+def unipc_has_final_corrector(sigmas: Tensor) -> bool:
+    """Whether :func:`sample_unipc` ends with a corrector on ``sigmas``: the grid ends with a
+    zero-length step at ``sigma~ > 0`` (its last value repeated) that follows a step that moves."""
+    check_sigma_grid(sigmas)
+    values = sigmas.tolist()
+    return (len(values) >= 2 and values[-1] == values[-2] > 0
+            and any(b < a for a, b in zip(values[:-1], values[1:])))
 
 
 def _check_unipc_order(order: int) -> None:
@@ -489,7 +549,10 @@ def sample_lms(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor,
     """Linear multistep in sigma~ (k-diffusion / diffusers' ``LMSDiscreteScheduler``).
 
     ``x <- x + sum_j c_j d_{i-j}`` over the last ``min(i + 1, order)`` derivatives
-    ``d = (x - x0) / sigma``, with ``c_j`` from :func:`lms_coefficient`.
+    ``d = (x - x0) / sigma``, with ``c_j`` from :func:`lms_coefficient`. A zero-length step is
+    skipped (its derivative does not enter the history); diffusers' ``LMSDiscreteScheduler`` step
+    on a repeated final sigma (a hand-set grid) weights every derivative by an integral over an
+    empty interval, 0: the same sample.
     """
     _check_lms_order(order)
     steps = _steps(sigmas)
@@ -509,28 +572,30 @@ def _check_lms_order(order: int) -> None:
                          f"got {order!r}.")
 
 
-def _no_saving(sigmas: Tensor, options: dict) -> int:
-    return 0
+def _one_per_moving_step(sigmas: Tensor, options: dict) -> int:
+    """One evaluation per step that moves; zero-length steps make none (:func:`_steps`)."""
+    return len(_steps(sigmas))
 
 
 @dataclass(frozen=True)
 class SamplerMethod:
     """A registered sampler: its function, NFE for a step count, and whether it draws noise.
 
-    ``nfe(num_steps)`` is the count for a step count on a grid that does not reach the pole
-    sigma~ = inf; ``saved(sigmas, options)`` is how many evaluations a particular grid saves
-    against it (Heun: one per step from the pole, see :func:`sample_heun`); :meth:`nfe_on` is
-    their difference, the evaluations the sampler makes on that grid.
+    ``nfe(num_steps)`` is the count for ``num_steps`` steps on a grid of distinct values ending at
+    0 below the pole sigma~ = inf (every grid of :mod:`diffsweep.grids` but flow's from the pole);
+    ``evaluations(sigmas, options)`` counts the evaluations the sampler makes on a particular grid
+    (:meth:`nfe_on`): none on a zero-length step, Heun one fewer on an Euler step from the pole
+    (:func:`heun_plan`), UniPC one for its final corrector (:func:`unipc_has_final_corrector`).
     """
 
     fn: SamplerFn
     nfe: Callable[[int], int]
     stochastic: bool = False
-    saved: Callable[[Tensor, dict], int] = _no_saving
+    evaluations: Callable[[Tensor, dict], int] = _one_per_moving_step
 
     def nfe_on(self, sigmas: Tensor, options: dict | None = None) -> int:
-        """Network evaluations on the grid ``sigmas`` (``len(sigmas) - 1`` steps), ``options``."""
-        return self.nfe(len(sigmas) - 1) - self.saved(sigmas, dict(options or {}))
+        """Network evaluations on the grid ``sigmas`` with the sampler's ``options``."""
+        return self.evaluations(sigmas, dict(options or {}))
 
 
 def _one_per_step(num_steps: int) -> int:
@@ -542,12 +607,17 @@ def _heun_nfe(num_steps: int) -> int:
     return 2 * num_steps - 1
 
 
-def _heun_saved(sigmas: Tensor, options: dict) -> int:
-    """Evaluations Heun saves on ``sigmas`` against :func:`_heun_nfe`: one per Euler step from the
-    pole sigma~ = inf (:func:`heun_plan`; the step to 0 is already counted as one)."""
+def _heun_evaluations(sigmas: Tensor, options: dict) -> int:
+    """Evaluations Heun makes on ``sigmas``: two per corrected step of :func:`heun_plan`, one per
+    Euler step (to sigma~ = 0, from the pole), none on a zero-length step."""
     churn = {key: options[key] for key in ("s_churn", "s_tmin", "s_tmax") if key in options}
-    return sum(1 for _, sigma_next, _, corrected in heun_plan(sigmas, **churn)
-               if sigma_next > 0 and not corrected)
+    return sum(2 if corrected else 1 for *_, corrected in heun_plan(sigmas, **churn))
+
+
+def _unipc_evaluations(sigmas: Tensor, options: dict) -> int:
+    """Evaluations UniPC makes on ``sigmas``: one per step that moves, one for its final
+    corrector."""
+    return len(_steps(sigmas)) + unipc_has_final_corrector(sigmas)
 
 
 def heun_nfe_on(sigmas: Tensor, **options) -> int:
@@ -561,10 +631,10 @@ SAMPLERS: dict[str, SamplerMethod] = {
     "ddim": SamplerMethod(sample_ddim, _one_per_step),
     "ddpm": SamplerMethod(sample_ddpm, _one_per_step, stochastic=True),
     "euler_ancestral": SamplerMethod(sample_ancestral, _one_per_step, stochastic=True),
-    "heun": SamplerMethod(sample_heun, _heun_nfe, saved=_heun_saved),
+    "heun": SamplerMethod(sample_heun, _heun_nfe, evaluations=_heun_evaluations),
     "dpmpp_2m": SamplerMethod(sample_dpmpp_2m, _one_per_step),
     "dpmpp_2m_sde": SamplerMethod(sample_dpmpp_2m_sde, _one_per_step, stochastic=True),
-    "unipc": SamplerMethod(sample_unipc, _one_per_step),
+    "unipc": SamplerMethod(sample_unipc, _one_per_step, evaluations=_unipc_evaluations),
     "lms": SamplerMethod(sample_lms, _one_per_step),
 }
 
@@ -659,10 +729,9 @@ class Sampler:
         return self.method.nfe(self.num_steps)
 
     def nfe_on(self, schedule: NoiseSchedule) -> int:
-        """Network evaluations per sample on ``schedule``'s grid (:meth:`sigmas`): :attr:`nfe`, less
-        what the grid saves (:attr:`SamplerMethod.saved`)."""
-        return self.method.nfe(self.num_steps) - self.method.saved(self.sigmas(schedule),
-                                                                   self.options)
+        """Network evaluations per sample on ``schedule``'s grid (:meth:`sigmas`), as the sampler
+        makes them (:meth:`SamplerMethod.nfe_on`): :attr:`nfe`, or fewer from the pole (Heun)."""
+        return self.method.nfe_on(self.sigmas(schedule), self.options)
 
     def sigmas(self, schedule: NoiseSchedule) -> Tensor:
         """The float64 sigma~ grid (``num_steps + 1`` values, last 0) for ``schedule``."""

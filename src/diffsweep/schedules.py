@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from numbers import Integral, Real
 
 import torch
 from torch import Tensor
@@ -28,9 +29,14 @@ __all__ = [
     "flow_dynamic_shift",
     "discrete_betas",
     "rescale_zero_terminal_snr",
+    "check_discrete_vp_arguments",
+    "check_continuous_vp_arguments",
 ]
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+#: The config node schedule arguments come from (``configs/scheduler/*.yaml``); error messages
+#: name ``<SCHEDULE_KEY>.<argument>``.
+SCHEDULE_KEY = "scheduler"
 
 
 def _as_float64(t: Tensor | float) -> Tensor:
@@ -163,6 +169,83 @@ def discrete_betas(beta_schedule: str, num_train_timesteps: int = 1000, beta_sta
     return betas
 
 
+def _is_real(value: object) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _check_train_timesteps(num_train_timesteps: object, key: str) -> None:
+    if not _is_integer(num_train_timesteps) or num_train_timesteps < 2:
+        raise ValueError(f"{key}.num_train_timesteps={num_train_timesteps!r} is not allowed: the "
+                         f"number of training noise levels is an integer >= 2 (e.g. 1000).")
+
+
+def check_discrete_vp_arguments(beta_schedule: object, num_train_timesteps: object,
+                                beta_start: object, beta_end: object,
+                                key: str = SCHEDULE_KEY) -> None:
+    """Raise a one-line ValueError naming ``<key>.<argument>``, its value and what is allowed:
+    a known ``beta_schedule``, an integer ``num_train_timesteps >= 2`` and, for the linear
+    schedules, ``0 < beta_start <= beta_end < 1`` (a beta outside (0, 1) puts ``alphas_cumprod``
+    outside (0, 1] and the first training step is NaN; decreasing betas are almost always swapped
+    ends). The cosine schedule ignores ``beta_start``/``beta_end``."""
+    if beta_schedule not in BETA_SCHEDULES:
+        raise ValueError(f"{key}.beta_schedule={beta_schedule!r} is not allowed: choose one of "
+                         f"{', '.join(BETA_SCHEDULES)}.")
+    _check_train_timesteps(num_train_timesteps, key)
+    if beta_schedule == "squaredcos_cap_v2":
+        return
+    for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
+        if not _is_real(value) or not 0 < value < 1:
+            raise ValueError(f"{key}.{name}={value!r} is not allowed: a beta is a number in "
+                             f"(0, 1) (DDPM: beta_start=0.0001, beta_end=0.02); outside it "
+                             f"alphas_cumprod leaves (0, 1] and training is NaN from step 0.")
+    if beta_end < beta_start:
+        raise ValueError(f"{key}.beta_end={beta_end!r} is not allowed with {key}.beta_start="
+                         f"{beta_start!r}: the betas must not decrease (beta_start <= beta_end; "
+                         f"swapped?).")
+
+
+def check_continuous_vp_arguments(beta_min: object, beta_max: object, eps_t: object,
+                                  num_train_timesteps: object, key: str = SCHEDULE_KEY) -> None:
+    """Raise a one-line ValueError naming ``<key>.<argument>``, its value and what is allowed:
+    finite ``0 < beta_min <= beta_max`` (a negative rate makes alpha > 1 and sigma NaN),
+    ``0 < eps_t < 1`` and an integer ``num_train_timesteps >= 2``."""
+    for name, value in (("beta_min", beta_min), ("beta_max", beta_max)):
+        if not _is_real(value) or not 0 < value < math.inf:
+            raise ValueError(f"{key}.{name}={value!r} is not allowed: the VP SDE's beta(t) "
+                             f"rates are finite numbers > 0 (Song et al.: beta_min=0.1, "
+                             f"beta_max=20).")
+    if beta_max < beta_min:
+        raise ValueError(f"{key}.beta_max={beta_max!r} is not allowed with {key}.beta_min="
+                         f"{beta_min!r}: beta(t) must not decrease (beta_min <= beta_max; "
+                         f"swapped?).")
+    _check_eps_t(eps_t, key)
+    _check_train_timesteps(num_train_timesteps, key)
+
+
+def _check_eps_t(eps_t: object, key: str) -> None:
+    if not _is_real(eps_t) or not 0 < eps_t < 1:
+        raise ValueError(f"{key}.eps_t={eps_t!r} is not allowed: eps_t must lie in (0, 1) (the "
+                         f"smallest t of training and sampling).")
+
+
+def _check_sigma_range(sigma_min: object, sigma_max: object, key: str) -> None:
+    if not _is_real(sigma_min) or not 0 < sigma_min < math.inf:
+        raise ValueError(f"{key}.sigma_min={sigma_min!r} is not allowed: need 0 < sigma_min < "
+                         f"sigma_max (finite numbers).")
+    if not _is_real(sigma_max) or not sigma_min < sigma_max < math.inf:
+        raise ValueError(f"{key}.sigma_max={sigma_max!r} is not allowed with {key}.sigma_min="
+                         f"{sigma_min!r}: need 0 < sigma_min < sigma_max (finite numbers).")
+
+
+def _check_positive(name: str, value: object, key: str) -> None:
+    if not _is_real(value) or not 0 < value < math.inf:
+        raise ValueError(f"{key}.{name}={value!r} is not allowed: it must be a finite number > 0.")
+
+
 def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     """Lin et al. 2023, Algorithm 1: shift and scale sqrt(alpha_bar) so the last one is exactly 0.
 
@@ -202,12 +285,28 @@ class DiscreteVPSchedule(NoiseSchedule):
     def __init__(self, beta_schedule: str = "linear", num_train_timesteps: int = 1000,
                  beta_start: float = 1e-4, beta_end: float = 0.02,
                  rescale_betas_zero_snr: bool = False) -> None:
-        if num_train_timesteps < 2:
-            raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}.")
+        check_discrete_vp_arguments(beta_schedule, num_train_timesteps, beta_start, beta_end)
         self.beta_schedule = beta_schedule
         self.beta_start, self.beta_end = beta_start, beta_end
         self._set_betas(discrete_betas(beta_schedule, num_train_timesteps, beta_start, beta_end),
                         rescale_betas_zero_snr)
+        self._check_no_underflow()
+
+    def _check_no_underflow(self) -> None:
+        """``alphas_cumprod`` must stay > 0 (float32, as diffusers computes it): large betas over
+        many steps underflow to 0, i.e. sigma~ = inf (zero terminal SNR is meant to do that at
+        the last index only, and is evaluated at 2**-24 there)."""
+        checked = self.num_train_timesteps - int(self.rescale_betas_zero_snr)
+        zero = (self.alphas_cumprod[:checked] <= 0).nonzero()
+        if len(zero):
+            key = SCHEDULE_KEY
+            blame = ("num_train_timesteps" if self.beta_schedule == "squaredcos_cap_v2"
+                     else "beta_end")
+            raise ValueError(f"{key}.{blame}={getattr(self, blame)!r} is not allowed with "
+                             f"{key}.num_train_timesteps={self.num_train_timesteps}: "
+                             f"alphas_cumprod underflows to 0 at index {int(zero[0])} (sigma~ = "
+                             f"inf, NaN in training); lower {key}.beta_end or "
+                             f"{key}.num_train_timesteps (DDPM: 0.02 over 1000).")
 
     def _set_betas(self, betas: Tensor, rescale_betas_zero_snr: bool) -> None:
         """The tables of a float32 beta table (diffusers' arithmetic), held as float64."""
@@ -302,10 +401,6 @@ class _SDESchedule(NoiseSchedule):
 
     eps_t: float
 
-    def _check_eps_t(self, eps_t: float) -> None:
-        if not 0 < eps_t < 1:
-            raise ValueError(f"eps_t must lie in (0, 1), got {eps_t}.")
-
     @property
     def t_min(self) -> float:
         return self.eps_t
@@ -327,7 +422,7 @@ class ContinuousVPSchedule(_SDESchedule):
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, eps_t: float = 1e-3,
                  num_train_timesteps: int = 1000) -> None:
-        self._check_eps_t(eps_t)
+        check_continuous_vp_arguments(beta_min, beta_max, eps_t, num_train_timesteps)
         self.beta_min, self.beta_max, self.eps_t = beta_min, beta_max, eps_t
         self.c_noise_scale = num_train_timesteps - 1
         self._num_train_timesteps = num_train_timesteps
@@ -370,9 +465,9 @@ class VESchedule(_SDESchedule):
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, eps_t: float = 1e-5,
                  sigma_data: float = 0.5) -> None:
-        if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"Need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}.")
-        self._check_eps_t(eps_t)
+        _check_sigma_range(sigma_min, sigma_max, SCHEDULE_KEY)
+        _check_eps_t(eps_t, SCHEDULE_KEY)
+        _check_positive("sigma_data", sigma_data, SCHEDULE_KEY)
         self._sigma_min, self._sigma_max, self.eps_t = sigma_min, sigma_max, eps_t
         self.sigma_data = sigma_data
         self._log_ratio = math.log(sigma_max / sigma_min)
@@ -405,8 +500,12 @@ class EDMSchedule(NoiseSchedule):
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, p_mean: float = -1.2,
                  p_std: float = 1.2, sigma_data: float = 0.5) -> None:
-        if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"Need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}.")
+        _check_sigma_range(sigma_min, sigma_max, SCHEDULE_KEY)
+        if not _is_real(p_mean) or not math.isfinite(p_mean):
+            raise ValueError(f"{SCHEDULE_KEY}.p_mean={p_mean!r} is not allowed: the mean of "
+                             f"ln(sigma) in training is a finite number (EDM: -1.2).")
+        _check_positive("p_std", p_std, SCHEDULE_KEY)
+        _check_positive("sigma_data", sigma_data, SCHEDULE_KEY)
         self._sigma_min, self._sigma_max = sigma_min, sigma_max
         self.p_mean, self.p_std, self.sigma_data = p_mean, p_std, sigma_data
 
@@ -576,35 +675,55 @@ class FlowMatchingSchedule(NoiseSchedule):
                  logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29,
                  t_min: float | None = None, t_max: float = 1 - 1e-9,
                  sigma_data: float = 1.0) -> None:
-        if int(num_train_timesteps) != num_train_timesteps or num_train_timesteps < 1:
-            raise ValueError(f"num_train_timesteps must be a positive integer, got "
-                             f"{num_train_timesteps!r}.")
-        if not shift > 0:
-            raise ValueError(f"shift must be > 0 (1.0 = no shift, SD3: 3.0), got {shift!r}.")
+        key = SCHEDULE_KEY
+        if not _is_integer(num_train_timesteps) or num_train_timesteps < 1:
+            raise ValueError(f"{key}.num_train_timesteps={num_train_timesteps!r} is not allowed: "
+                             f"num_train_timesteps must be a positive integer (the net is told "
+                             f"N s).")
+        if not _is_real(shift) or not 0 < shift < math.inf:
+            raise ValueError(f"{key}.shift={shift!r} is not allowed: shift must be > 0 (1.0 = no "
+                             f"shift, SD3: 3.0).")
         if density not in FLOW_DENSITIES:
-            raise ValueError(f"Unknown density {density!r}; choose one of "
+            raise ValueError(f"{key}.density={density!r} is not allowed: choose one of "
                              f"{', '.join(FLOW_DENSITIES)}.")
-        if not logit_std > 0:
-            raise ValueError(f"logit_std must be > 0, got {logit_std!r}.")
+        if not _is_real(logit_mean) or not math.isfinite(logit_mean):
+            raise ValueError(f"{key}.logit_mean={logit_mean!r} is not allowed: logit_mean must be "
+                             f"a finite number.")
+        if not _is_real(logit_std) or not 0 < logit_std < math.inf:
+            raise ValueError(f"{key}.logit_std={logit_std!r} is not allowed: logit_std must be > "
+                             f"0.")
         low, high = MODE_SCALE_RANGE
-        if not low <= mode_scale <= high:
-            raise ValueError(f"mode_scale must lie in [{low}, {high:.4f}] (f_mode monotone), got "
-                             f"{mode_scale!r}.")
+        if not _is_real(mode_scale) or not low <= mode_scale <= high:
+            raise ValueError(f"{key}.mode_scale={mode_scale!r} is not allowed: mode_scale must "
+                             f"lie in [{low}, {high:.4f}] (f_mode monotone).")
+        if time_shift_type not in FLOW_TIME_SHIFT_TYPES:
+            raise ValueError(f"{key}.time_shift_type={time_shift_type!r} is not allowed: choose "
+                             f"one of {', '.join(FLOW_TIME_SHIFT_TYPES)}.")
+        _check_positive("sigma_data", sigma_data, key)
         if use_dynamic_shifting:
             if shift != 1.0:
-                raise ValueError(f"shift={shift!r} and use_dynamic_shifting=true exclude each "
-                                 f"other: the dynamic shift replaces the static one; set "
-                                 f"shift=1.0.")
+                raise ValueError(f"{key}.shift={shift!r} is not allowed with "
+                                 f"{key}.use_dynamic_shifting=true: they exclude each other (the "
+                                 f"dynamic shift replaces the static one); set {key}.shift=1.0.")
             if image_seq_len is None:
-                raise ValueError("use_dynamic_shifting=true needs image_seq_len (latent tokens "
-                                 "per image, e.g. 4096 for Flux at 1024x1024).")
+                raise ValueError(f"{key}.image_seq_len=None is not allowed with "
+                                 f"{key}.use_dynamic_shifting=true: use_dynamic_shifting=true "
+                                 f"needs image_seq_len (latent tokens per image, e.g. 4096 for "
+                                 f"Flux at 1024x1024).")
+            for name, value in (("image_seq_len", image_seq_len),
+                                ("base_image_seq_len", base_image_seq_len),
+                                ("max_image_seq_len", max_image_seq_len)):
+                if not _is_integer(value) or value < 1:
+                    raise ValueError(f"{key}.{name}={value!r} is not allowed: {name} must be a "
+                                     f"positive integer (latent tokens per image).")
+            for name, value in (("base_shift", base_shift), ("max_shift", max_shift)):
+                if not _is_real(value) or not math.isfinite(value):
+                    raise ValueError(f"{key}.{name}={value!r} is not allowed: {name} must be a "
+                                     f"finite number.")
             effective_shift = flow_dynamic_shift(image_seq_len, base_image_seq_len,
                                                  max_image_seq_len, base_shift, max_shift,
                                                  time_shift_type)
         else:
-            if time_shift_type not in FLOW_TIME_SHIFT_TYPES:
-                raise ValueError(f"Unknown time_shift_type {time_shift_type!r}; choose one of "
-                                 f"{', '.join(FLOW_TIME_SHIFT_TYPES)}.")
             effective_shift = float(shift)
         self._num_train_timesteps = int(num_train_timesteps)
         self.c_noise_scale = float(num_train_timesteps)
@@ -622,9 +741,12 @@ class FlowMatchingSchedule(NoiseSchedule):
         if t_min is None:
             first = 1.0 / num_train_timesteps
             t_min = first if use_dynamic_shifting else self._shifted(first)
-        if not 0 < t_min < t_max < 1:
-            raise ValueError(f"Need 0 < t_min < t_max < 1 (t = 1 is pure noise, sigma~ = inf), "
-                             f"got t_min={t_min}, t_max={t_max}.")
+        if not (_is_real(t_min) and _is_real(t_max) and 0 < t_min < t_max < 1):
+            name, value = (("t_min", t_min) if not (_is_real(t_min) and 0 < t_min < 1)
+                           else ("t_max", t_max))
+            raise ValueError(f"{key}.{name}={value!r} is not allowed: need 0 < t_min < "
+                             f"t_max < 1 (t = 1 is pure noise, sigma~ = inf), got t_min={t_min}, "
+                             f"t_max={t_max}.")
         self._t_min, self._t_max = float(t_min), float(t_max)
 
     def _shifted(self, t: float) -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import builtins
+import codecs
 import os
 import pickle
 from pathlib import Path
@@ -20,14 +22,70 @@ TEST_BATCHES = ("test_batch",)
 NATIVE_RESOLUTION = 32
 
 
+def _numpy_globals() -> dict[tuple[str, str], Any]:
+    """The numpy callables a pickled ndarray names, under the module paths numpy 1.x and 2.x
+    write (``numpy.core`` / ``numpy._core``), each mapped to the object itself."""
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
+    allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray,
+                                           ("numpy", "dtype"): np.dtype}
+    for package in ("numpy.core", "numpy._core"):
+        allowed[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{package}.multiarray", "scalar")] = multiarray.scalar
+        allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer  # protocol 5
+    return allowed
+
+
+#: Every global a CIFAR-10 batch may name: numpy array reconstruction, the builtin containers and
+#: scalars, and ``_codecs.encode`` (how a protocol-2 pickle written by Python 3 spells bytes).
+_BATCH_GLOBALS: dict[tuple[str, str], Any] = {
+    **_numpy_globals(),
+    **{("builtins", name): getattr(builtins, name)
+       for name in ("list", "dict", "tuple", "str", "bytes", "bytearray", "int", "float")},
+    ("_codecs", "encode"): codecs.encode,
+}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles what a CIFAR-10 batch holds (numpy arrays, lists, dicts, strings, bytes,
+    numbers) and refuses every other global, so a crafted batch cannot run code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = _BATCH_GLOBALS.get((module, name))
+        if found is None:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return found
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A global outside :data:`_BATCH_GLOBALS` (its dotted name is the message)."""
+
+
 def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One pickled CIFAR-10 batch -> (images uint8 (N, 3, 32, 32), labels int64 (N,)).
 
     The file is a pickled dict with ``data`` (N, 3072) uint8, rows laid out as 1024 red, 1024
-    green, 1024 blue values, and ``labels`` (N ints); keys may be ``str`` or ``bytes``.
+    green, 1024 blue values, and ``labels`` (N ints); keys may be ``str`` or ``bytes``. It is
+    unpickled with a restricted unpickler (numpy arrays and builtin containers only): a file
+    that names any other global is refused with a one-line ValueError naming it, before any of
+    it runs.
     """
-    with open(path, "rb") as handle:
-        entry: dict[Any, Any] = pickle.load(handle, encoding="latin1")
+    try:
+        with open(path, "rb") as handle:
+            entry: dict[Any, Any] = _BatchUnpickler(handle, encoding="latin1").load()
+    except _RefusedGlobal as refused:
+        raise ValueError(f"{path} is not a CIFAR-10 batch: it names the Python global {refused}, "
+                         f"and unpickling it would run code; a batch holds only numpy arrays, "
+                         f"lists, strings and numbers. Replace it with torchvision's "
+                         f"{BATCH_FOLDER} files.") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            IndexError, UnicodeDecodeError) as error:
+        first_line = (str(error).splitlines() or [""])[0]
+        raise ValueError(f"{path} is not a CIFAR-10 batch: unpickling failed "
+                         f"({type(error).__name__}{': ' if first_line else ''}{first_line}); it "
+                         f"may be truncated.") from error
     if not isinstance(entry, dict):
         raise ValueError(f"{path} is not a CIFAR-10 batch (a pickled dict)")
 

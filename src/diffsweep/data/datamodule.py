@@ -4,14 +4,41 @@ VAE latents of any of them)."""
 from __future__ import annotations
 
 import functools
+import logging
+import os
 from typing import Callable, Iterator
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from diffsweep.data.base import ImageSource, check_split, collate
 from diffsweep.data.sampling import GlobalBatchSampler, ResumableDataLoader
+
+log = logging.getLogger(__name__)
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on (``os.sched_getaffinity``: a SLURM or container CPU
+    limit, ``taskset``), else ``os.cpu_count()``."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def capped_num_workers(num_workers: int) -> int:
+    """``num_workers`` capped at :func:`available_cpus`, with one info line (rank 0 only) when
+    capped: more loader processes than cores only adds contention, and torch warns about it in
+    every DDP rank."""
+    cpus = available_cpus()
+    if num_workers <= cpus:
+        return num_workers
+    if rank_zero_only.rank == 0:
+        log.info("data.num_workers=%d capped at %d: this process may use %d CPU core(s).",
+                 num_workers, cpus, cpus)
+    return cpus
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -34,7 +61,8 @@ class ImageDataModule(pl.LightningDataModule):
             ``batch_size // world_size`` (must divide evenly). Computed in ``setup``.
         val_batch_size: global validation batch size (default: ``batch_size``).
         num_workers: DataLoader worker processes (0 = load in the main process; workers are
-            persistent when > 0).
+            persistent when > 0); capped at the CPU cores this process may use
+            (:func:`capped_num_workers`).
         drop_last: drop the last incomplete training batch (validation never drops).
         shuffle: shuffle the training split (seeded by ``seed``).
         seed: seed of the training shuffle order (and of the worker RNGs, e.g. random flips).
@@ -72,7 +100,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.source = source
         self.batch_size = int(batch_size)
         self.val_batch_size = int(val_batch_size) if val_batch_size is not None else None
-        self.num_workers = int(num_workers)
+        self.num_workers = capped_num_workers(int(num_workers))
         self.drop_last = bool(drop_last)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -31,18 +32,63 @@ MAX_LISTED = 5  # corrupt files named in the warning
 ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 
 
-def find_images(root: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:
-    """Sorted POSIX paths (relative to ``root``) of every file below ``root`` whose lowercase
-    suffix is in ``extensions``. Hidden files and folders (leading ``.``) are ignored; symlinked
-    folders are followed."""
+class UnreadableFolderError(PermissionError):
+    """An image folder (``data.root`` or a folder below it) that cannot be listed; one line
+    naming it (:attr:`folder`) and ``data.root``."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = str(folder)
+        super().__init__(f"image folder {folder} is not readable (permission denied) -- make it "
+                         f"readable (chmod -R u+rX {folder}) or set data.root to a folder you "
+                         f"can read")
+
+
+def iter_images(root: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                unreadable: list[str] | None = None) -> Iterator[str]:
+    """POSIX paths (relative to ``root``), in directory order, of every file below ``root`` whose
+    lowercase suffix is in ``extensions``. Hidden files and folders (leading ``.``) are ignored;
+    symlinked folders are followed.
+
+    ``root`` itself unreadable raises :class:`UnreadableFolderError` (naming ``root`` and
+    ``data.root``): it is not an empty folder. A subfolder without read permission is skipped
+    and appended to ``unreadable`` (when given)."""
     exts = {e.lower() for e in extensions}
-    found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    root_error: list[OSError] = []
+
+    def on_error(error: OSError) -> None:
+        if Path(error.filename or "") == Path(root):
+            root_error.append(error)
+        elif unreadable is not None and isinstance(error, PermissionError):
+            unreadable.append(str(error.filename))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for fn in filenames:
             if not fn.startswith(".") and os.path.splitext(fn)[1].lower() in exts:
-                found.append(Path(dirpath, fn).relative_to(root).as_posix())
-    return sorted(found)
+                yield Path(dirpath, fn).relative_to(root).as_posix()
+    if root_error:
+        if isinstance(root_error[0], PermissionError):
+            raise UnreadableFolderError(root)
+        raise root_error[0]
+
+
+def find_images(root: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                unreadable: list[str] | None = None) -> list[str]:
+    """Sorted :func:`iter_images`: every image file below ``root``."""
+    return sorted(iter_images(root, extensions, unreadable))
+
+
+def count_images(root: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                 stop_at: int | None = None, unreadable: list[str] | None = None) -> int:
+    """Image files below ``root`` (:func:`iter_images`), counting stopped at ``stop_at`` (None:
+    all): a directory listing, no file is opened. ``root`` unreadable raises
+    :class:`UnreadableFolderError`; unreadable subfolders go to ``unreadable``."""
+    count = 0
+    for _ in iter_images(root, extensions, unreadable):
+        count += 1
+        if stop_at is not None and count >= stop_at:
+            break
+    return count
 
 
 def _integer_grey_to_l(im: Image.Image) -> Image.Image:
@@ -205,12 +251,21 @@ class ImageFolderSource(ImageSource):
                 f"image folder not found: {self.root} -- set data.root=/path/to/images "
                 "(a folder searched recursively for image files)"
             )
-        candidates = find_images(self.root, self.extensions)
+        unreadable: list[str] = []
+        candidates = find_images(self.root, self.extensions, unreadable)
+        if unreadable and not candidates:
+            raise UnreadableFolderError(unreadable[0])
         if not candidates:
             raise FileNotFoundError(
                 f"no images found under {self.root} (searched recursively for "
                 f"{', '.join(self.extensions)}) -- set data.root to a folder of images"
             )
+        if unreadable:
+            shown = ", ".join(unreadable[:MAX_LISTED])
+            extra = len(unreadable) - MAX_LISTED
+            more = f" and {extra} more" if extra > 0 else ""
+            warnings.warn(f"skipped {len(unreadable)} unreadable folder(s) (permission denied) "
+                          f"under {self.root}: {shown}{more}", UserWarning, stacklevel=3)
         with ThreadPoolExecutor(self.verify_workers) as pool:
             errors = list(pool.map(_decode_ok, (self.root / f for f in candidates)))
         bad = [(f, e) for f, e in zip(candidates, errors) if e is not None]
@@ -221,8 +276,6 @@ class ImageFolderSource(ImageSource):
                 "Remove it or set data.source.on_corrupt=skip"
             )
         if bad:
-            import warnings
-
             self.skipped = [f for f, _ in bad]
             shown = ", ".join(str(self.root / f) for f in self.skipped[:MAX_LISTED])
             more = f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""

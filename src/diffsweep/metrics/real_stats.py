@@ -2,9 +2,14 @@
 
 Statistics are keyed by (cache version, dataset fingerprint, split, image shape, extractor
 identity incl. its weights hash, image count, kept features) and stored as ``.npz`` with the key
-inside, written atomically (:func:`diffsweep.files.atomic_write_bytes`). A cache file that cannot
-be read, holds non-finite values or was computed under another key is recomputed (with a
-warning), never reused.
+inside, written atomically (:func:`diffsweep.files.atomic_write_bytes`), with a sha256
+``checksum`` of everything else it holds (mean, covariance, count, key, feature sample: each
+array's name, dtype, shape and bytes; :func:`stats_checksum`). A cache file that cannot be read,
+holds non-finite values, was computed under another key, has no checksum (written before
+checksums were kept: untrusted) or whose contents no longer match its checksum (edited or
+corrupted after it was written) is recomputed (with a warning naming the file and why), never
+reused. The checksum detects a changed file, not a forger who recomputes it: whoever can write
+the cache folder can also write a matching checksum (keep ``cache_dir`` writable by you only).
 
 Besides mean and covariance, ``features > 0`` keeps a uniform random sample of that many real
 feature vectors (reservoir sampling with a fixed seed, in the same pass over the images) for KID
@@ -29,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from diffsweep.files import atomic_write_bytes, stable_hash
+from diffsweep.files import atomic_write_bytes, bytes_sha256, stable_hash
 from diffsweep.metrics.extractors.base import extract_features, image_chunks, module_device
 from diffsweep.metrics.frechet import GaussianStats
 
@@ -65,14 +70,28 @@ def real_stats_path(cache_dir: str | os.PathLike, key: dict) -> Path:
     return Path(cache_dir).expanduser() / f"real-{kind}-{key['split']}-{stable_hash(key, 16)}.npz"
 
 
+#: The name of the checksum array in a cache file (:func:`stats_checksum` of the other arrays).
+CHECKSUM = "checksum"
+
+
+def stats_checksum(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over ``arrays`` in name order: each name, dtype, shape and bytes. Any change of a
+    value, a shape or a dtype changes it."""
+    chunks = []
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        chunks += [name.encode(), f"|{array.dtype.str}|{array.shape}|".encode(), array.tobytes()]
+    return bytes_sha256(*chunks)
+
+
 def save_stats(path: str | os.PathLike, stats: GaussianStats) -> None:
-    """Atomically write ``stats`` (and its key) as ``.npz``."""
+    """Atomically write ``stats`` (and its key) as ``.npz`` with their :func:`stats_checksum`."""
     buffer = io.BytesIO()
     arrays = {"mean": stats.mean.cpu().numpy(), "cov": stats.cov.cpu().numpy(),
               "count": np.array(stats.count, dtype=np.int64), "key": np.array(stats.key)}
     if stats.features is not None:
         arrays["features"] = stats.features.float().cpu().numpy()
-    np.savez(buffer, **arrays)
+    np.savez(buffer, **arrays, **{CHECKSUM: np.array(stats_checksum(arrays))})
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -80,16 +99,28 @@ def load_stats(path: str | os.PathLike, expected_key: str | None = None) -> Gaus
     """Read and validate cached statistics.
 
     Raises:
-        ValueError: (with the reason) when the file is unreadable, inconsistent, non-finite or
-            was computed under another key than ``expected_key``.
+        ValueError: (with the reason) when the file is unreadable, has no checksum (written
+            before checksums were kept) or one its contents do not match (changed after it was
+            written), is inconsistent, non-finite or was computed under another key than
+            ``expected_key``.
     """
     try:
         with np.load(path, allow_pickle=False) as archive:
-            mean, cov = np.asarray(archive["mean"]), np.asarray(archive["cov"])
-            count, key = int(archive["count"]), str(archive["key"])
-            features = np.asarray(archive["features"]) if "features" in archive.files else None
+            arrays = {name: np.asarray(archive[name]) for name in archive.files}
     except Exception as error:  # noqa: BLE001 - truncated zip, missing arrays, garbage...
         raise ValueError(f"unreadable ({type(error).__name__}: {error})") from error
+    if CHECKSUM not in arrays:
+        raise ValueError("no checksum: written by an earlier diffsweep without one, so untrusted")
+    recorded = str(arrays.pop(CHECKSUM))
+    if stats_checksum(arrays) != recorded:
+        raise ValueError("checksum mismatch: its contents changed after it was written (edited "
+                         "or corrupted)")
+    try:
+        mean, cov = arrays["mean"], arrays["cov"]
+        count, key = int(arrays["count"]), str(arrays["key"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"unreadable ({type(error).__name__}: {error})") from error
+    features = arrays.get("features")
     if expected_key is not None and key != expected_key:
         raise ValueError(f"fingerprint mismatch: cached {key}, expected {expected_key}")
     d = mean.shape[0] if mean.ndim == 1 else -1
@@ -273,7 +304,7 @@ def load_or_compute_real_stats(datamodule: Any, extractor: nn.Module,
     return stats
 
 
-__all__ = ["CACHE_VERSION", "FEATURES_SEED", "FeatureReservoir", "compute_stats", "feature_sums",
-           "key_json",
+__all__ = ["CACHE_VERSION", "CHECKSUM", "FEATURES_SEED", "FeatureReservoir", "compute_stats",
+           "feature_sums", "key_json",
            "load_or_compute_real_stats", "load_stats", "real_stats_key", "real_stats_path",
-           "save_stats"]
+           "save_stats", "stats_checksum"]

@@ -5,8 +5,10 @@ errors as one line (tests/test_bad_inputs.py runs the table of bad inputs)."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -467,3 +469,20 @@ def test_console_and_logger_configs_comment_every_option(path):
         value = (match.group(2) or "").split("#")[0].strip()
         if value:
             assert "#" in line, f"{path.name}: no comment on {stripped!r}"
+
+
+def test_a_wrapped_task_pickles_for_the_joblib_and_submitit_launchers(monkeypatch):
+    """Launchers pickle the task (a closure, so by value, with the globals it names) while
+    :func:`console.command_line` has replaced stderr: nothing it names may hold an open file."""
+    import pickle
+
+    import cloudpickle
+
+    def task(cfg):  # a local function: pickled by value, as __main__.main is
+        return cfg
+
+    with open(os.devnull, "w") as stderr:
+        monkeypatch.setattr(sys, "stderr", stderr)
+        with console.command_line():
+            restored = pickle.loads(cloudpickle.dumps(console.one_line_errors(task)))
+    assert restored(3) == 3

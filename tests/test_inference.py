@@ -147,7 +147,7 @@ def test_evaluate_samples_at_the_configured_precision(train_config, tmp_path):
                  "sampler.num_steps=2", f"results_file={tmp_path / 'results.csv'}"]
     row = evaluate(compose_config("evaluate", [*overrides, "precision=bf16"], tmp_path / "eval"))
     assert row["precision"] == "bf16" and row["compile"] is False
-    with pytest.raises(ValueError, match="Unknown sampling precision"):
+    with pytest.raises(ValueError, match="precision='fp8' is not allowed"):  # before any work
         evaluate(compose_config("evaluate", [*overrides, "precision=fp8"], tmp_path / "bad"))
 
 

@@ -333,10 +333,11 @@ def _only_run_dir(cwd: Path) -> Path:
 @pytest.mark.slow
 def test_sigkill_at_random_steps_then_the_same_command_ends_with_the_same_weights(tmp_path):
     """SIGKILL (and SIGTERM) at the epoch boundary, right after and in the middle of checkpoint
-    writes, at random steps and twice in one run; each time the plain command is rerun."""
+    writes, at random steps and twice in one run; each time the plain command is rerun: the
+    weights are the uninterrupted run's bit for bit, csv/metrics.csv holds its rows once."""
     overrides = LIMITED
     reference = tmp_path / "reference"
-    result = _plain_process(tmp_path, overrides, reference)
+    result = _plain_process(tmp_path, overrides, reference, base=LOGGED)
     assert result.returncode == 0, result.stderr[-3000:]
     draw = random.Random(13)
     cases = [[("step", 4)], [("after-save", 4)], [("mid-save", 6)], [("sigterm", 5)],
@@ -347,19 +348,20 @@ def test_sigkill_at_random_steps_then_the_same_command_ends_with_the_same_weight
         # the first case finds its run directory as users do (resume=auto, same command)
         run_dir = None if number == 0 else cwd / "run"
         for point, value in kills:
-            killed = _killed_process(cwd, point, value, overrides, run_dir)
+            killed = _killed_process(cwd, point, value, overrides, run_dir, LOGGED)
             expected = -signal.SIGKILL if point != "sigterm" else 128 + signal.SIGTERM
             assert killed.returncode == expected, (kills, killed.stderr[-3000:])
         found = run_dir or _only_run_dir(cwd)
         assert read_status(found)["status"] in ("running", "failed"), kills
         if ("mid-save", 6) in kills:
             assert list((found / "checkpoints").glob(".step_0000006.ckpt.*.partial"))
-        result = _plain_process(cwd, overrides, run_dir)
+        result = _plain_process(cwd, overrides, run_dir, base=LOGGED)
         assert result.returncode == 0, (kills, result.stderr[-3000:])
         assert (run_dir or _only_run_dir(cwd)) == found  # no second run directory
         assert read_status(found)["status"] == "finished" and read_done(found) is not None
         assert not list(found.rglob("*.partial")), kills
         assert_same_weights(reference, found)
+        assert_same_history(reference, found)
 
 
 def _killed_when_file_appears(cwd: Path, relative: str, overrides: list[str], run_dir: Path,

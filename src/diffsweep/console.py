@@ -403,23 +403,31 @@ def one_line_errors(task: _Task) -> _Task:
 
     @functools.wraps(task)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        # Only module-level names here: launchers (joblib, submitit) pickle this closure by value
+        # with the globals it names, and _restatements holds the open stderr.
         try:
             return task(*args, **kwargs)
         except Exception as error:
-            lines = None if tracebacks_wanted() else user_error_lines(error)
-            if lines is None:
-                raise
-            job, restated = _hydra_job()
-            text = error_text(lines, job)
-            sys.stderr.write(text)
-            sys.stderr.flush()
-            failure = ReportedError(text.rstrip("\n"))
-            if _restatements is not None:
-                _restatements.repeats.update(
-                    [restated, f"{failure}{os.linesep}"] if restated else [])
-            raise failure from None
+            _report_task_error(error)
+            raise
 
     return wrapper  # type: ignore[return-value]
+
+
+def _report_task_error(error: Exception) -> None:
+    """For :func:`one_line_errors`: a user error prints its line(s) and raises
+    :class:`ReportedError`; otherwise returns (the caller re-raises ``error``)."""
+    lines = None if tracebacks_wanted() else user_error_lines(error)
+    if lines is None:
+        return
+    job, restated = _hydra_job()
+    text = error_text(lines, job)
+    sys.stderr.write(text)
+    sys.stderr.flush()
+    failure = ReportedError(text.rstrip("\n"))
+    if _restatements is not None:
+        _restatements.repeats.update([restated, f"{failure}{os.linesep}"] if restated else [])
+    raise failure from None
 
 
 @contextlib.contextmanager

@@ -323,17 +323,11 @@ def nested_seed_problems(cfg: DictConfig) -> list[str]:
 
 
 def _seed_entries(node: DictConfig | ListConfig, prefix: str) -> Iterator[tuple[str, Any]]:
-    keys = list(node.keys()) if isinstance(node, DictConfig) else list(range(len(node)))
-    for key in keys:
-        dotted = f"{prefix}{key}"
-        if (dotted == "hydra" or OmegaConf.is_interpolation(node, key)
-                or OmegaConf.is_missing(node, key)):
-            continue
-        child = node[key]
-        if isinstance(child, (DictConfig, ListConfig)):
-            yield from _seed_entries(child, dotted + ".")
-        elif isinstance(key, str) and (key == "seed" or key.endswith("_seed")):
-            yield dotted, child
+    """(dotted key, value) of every ``seed`` / ``*_seed`` leaf below ``node`` (:func:`_leaves`)."""
+    for dotted, value in _leaves(node, prefix):
+        name = dotted.rsplit(".", 1)[-1]
+        if name == "seed" or name.endswith("_seed"):
+            yield dotted, value
 
 
 def check_count(key: str, value: Any, allow_null: bool = False) -> str | None:

@@ -13,6 +13,7 @@ exit status 1; ``DIFFSWEEP_DEBUG=1`` (or ``HYDRA_FULL_ERROR=1``) shows the trace
 """
 
 import sys
+from pathlib import Path
 import warnings
 
 import hydra
@@ -38,5 +39,5 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     sys.argv = multirun_flag_first(sys.argv)
-    with command_line():
+    with command_line(config_dir=Path(__file__).parent / "configs"):
         main()

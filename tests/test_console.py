@@ -486,3 +486,30 @@ def test_a_wrapped_task_pickles_for_the_joblib_and_submitit_launchers(monkeypatc
         with console.command_line():
             restored = pickle.loads(cloudpickle.dumps(console.one_line_errors(task)))
     assert restored(3) == 3
+
+
+def test_a_group_option_that_does_not_exist_is_one_line_naming_the_options():
+    from diffsweep.hydra_utils import unknown_group_choices
+
+    configs = CONFIGS
+    problems = unknown_group_choices(
+        ["scheduler=cosinus", "sampler=ddim,heunn", "data@data.source.images=mnst",
+         "vae@data.source.vae=tiny", "hydra/launcher=joblib", "model=null", "seed=1,2",
+         "trainer.max_steps=3", "~callbacks.sample_grid", "metrics/extractor=classifier"], configs)
+    assert [problem.split(" is not")[0] for problem in problems] == [
+        "scheduler=cosinus", "sampler=heunn", "data=mnst"]
+    assert "choose cosine, edm," in problems[0]
+    assert unknown_group_choices(["scheduler=cosinus", "hydra.searchpath=[file://x]"],
+                                 configs) == []  # another config folder may have it
+
+
+def test_train_py_refuses_an_unknown_group_option_before_hydra_starts(tmp_path):
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "-m", "scheduler=linear,cosinus"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: scheduler=cosinus is not an option of the scheduler group; choose cosine, edm, "
+        "flow, flow_flux, flow_sd3, linear, scaled_linear, ve, vp_continuous (configs/scheduler/)."]
+    assert not (tmp_path / "logs").exists()  # nothing ran

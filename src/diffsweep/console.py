@@ -414,6 +414,20 @@ def one_line_errors(task: _Task) -> _Task:
     return wrapper  # type: ignore[return-value]
 
 
+def _check_group_choices(arguments: list[str], config_dir: str | os.PathLike[str]) -> None:
+    """Raise :class:`ConfigError` for command-line group options ``config_dir`` lacks; a command
+    with Hydra flags other than ``-m`` (``--config-dir``, ``--cfg``, ...) is left to Hydra."""
+    from diffsweep.hydra_utils import unknown_group_choices
+
+    if any(argument.startswith("-") and argument not in ("-m", "--multirun")
+           for argument in arguments):
+        return
+    problems = unknown_group_choices([argument for argument in arguments
+                                      if argument not in ("-m", "--multirun")], config_dir)
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
 def _report_task_error(error: Exception) -> None:
     """For :func:`one_line_errors`: a user error prints its line(s) and raises
     :class:`ReportedError`; otherwise returns (the caller re-raises ``error``)."""
@@ -431,8 +445,12 @@ def _report_task_error(error: Exception) -> None:
 
 
 @contextlib.contextmanager
-def command_line() -> Iterator[None]:
+def command_line(config_dir: str | os.PathLike[str] | None = None) -> Iterator[None]:
     """The console of a command-line entry point (``with command_line(): main()``).
+
+    With ``config_dir`` (the entry point's Hydra config folder), a config-group option the
+    command line names that the folder lacks (``scheduler=cosinus``) is one line before Hydra
+    starts (:func:`diffsweep.hydra_utils.unknown_group_choices`; Hydra would print a dozen).
 
     Installs :func:`quiet`'s filters before anything runs (Hydra composes and starts plugins
     before a job reads ``console.show_warnings``), drops Hydra's restatement of errors
@@ -446,6 +464,8 @@ def command_line() -> Iterator[None]:
     _restatements = _HydraRestatementFilter(previous_stderr)
     sys.stderr = _restatements
     try:
+        if config_dir is not None:
+            _check_group_choices(sys.argv[1:], config_dir)
         yield
     except ReportedError:  # printed where it happened (a task run without Hydra's runner)
         raise SystemExit(USER_ERROR_EXIT) from None

@@ -195,3 +195,45 @@ def hydra_signature() -> str:
         return ""
     return str(OmegaConf.select(HydraConfig.get(), "job.override_dirname", default="",
                                 throw_on_missing=False) or "")
+
+
+def unknown_group_choices(overrides: Sequence[str], config_dir: str | Path) -> list[str]:
+    """One line per command-line override that picks a config-group option ``config_dir`` does
+    not have (``scheduler=cosinus``; each value of a ``a,b`` sweep), naming the group, the value
+    and the options there are; [] when all exist.
+
+    Only groups that are folders of ``config_dir`` are checked; Hydra's own groups (``hydra/*``,
+    whose options plugins add), deletions, null and non-list sweeps (``range``, ``glob``) are left
+    to Hydra, and nothing is checked when the command adds a config search path
+    (``hydra.searchpath``). Overrides Hydra cannot parse are left to Hydra too.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep
+    from hydra.errors import HydraException
+
+    config_dir = Path(config_dir)
+    if any(str(item).lstrip("+~").startswith("hydra.searchpath") for item in overrides):
+        return []
+    try:
+        parsed = OverridesParser.create().parse_overrides([str(item) for item in overrides])
+    except HydraException:
+        return []
+    problems = []
+    for override in parsed:
+        group = override.key_or_group
+        folder = config_dir / group
+        if override.is_delete() or group.startswith("hydra") or not folder.is_dir():
+            continue
+        value = override.value()
+        if isinstance(value, ChoiceSweep):
+            values = list(value.list)
+        elif override.is_sweep_override():
+            continue
+        else:
+            values = [value]
+        options = sorted(path.stem for path in folder.glob("*.yaml"))
+        for choice in values:
+            if isinstance(choice, str) and choice not in options:
+                problems.append(f"{group}={choice} is not an option of the {group} group; choose "
+                                f"{', '.join(options)} (configs/{group}/).")
+    return problems

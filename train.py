@@ -13,8 +13,8 @@ exit status 1; ``DIFFSWEEP_DEBUG=1`` (or ``HYDRA_FULL_ERROR=1``) shows the trace
 """
 
 import sys
-from pathlib import Path
 import warnings
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig

@@ -93,7 +93,8 @@ def require_race_inputs() -> Path:
     return FASHION
 
 
-def run_entry_point(script: str, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_entry_point(script: str, *args: str, cwd: Path,
+                    timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``python <repo>/<script> args...`` in ``cwd``; returns the completed process."""
     env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
     return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=env,

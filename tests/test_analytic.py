@@ -63,7 +63,8 @@ def test_denoiser_matches_monte_carlo_posterior_mean(mixture_1d: GaussianMixture
         # standard error of a self-normalised estimate ~ posterior std / sqrt(ESS)
         tolerance = 5 * posterior_std / ess.sqrt()
         exact = mixture_1d(x_tilde, sigma)[:, 0]
-        assert ((exact - monte_carlo).abs() < tolerance).all(), (sigma, exact, monte_carlo, tolerance)
+        assert ((exact - monte_carlo).abs() < tolerance).all(), (sigma, exact, monte_carlo,
+                                                                 tolerance)
         assert float(tolerance.max()) < 0.05  # the check has teeth
 
 
@@ -105,8 +106,8 @@ def test_tweedie_score_matches_autograd_of_log_marginal(mixture_3d: GaussianMixt
     tweedie = (mixture_3d(x, sigma) - x) / sigma**2
     torch.testing.assert_close(autograd_score, tweedie, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(mixture_3d.score(x, sigma), tweedie, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(mixture_3d.ode_velocity(x, sigma), (x - mixture_3d(x, sigma)) / sigma,
-                               rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(mixture_3d.ode_velocity(x, sigma),
+                               (x - mixture_3d(x, sigma)) / sigma, rtol=1e-9, atol=1e-9)
 
 
 def test_log_prob_is_the_convolved_marginal(mixture_1d: GaussianMixture) -> None:

@@ -9,7 +9,8 @@ evaluation's first sample, the export's conversion). The error must be a user er
 :func:`diffsweep.console.user_error_lines`: exactly one line that names the key (or the file).
 Two real commands, a ``python train.py -m`` sweep and a ``python evaluate.py`` run, check what
 a terminal shows: one stderr line per problem, no traceback, a non-zero exit status (they start
-in the background when this module starts and overlap the table). docs/ERRORS.md gives the table's totals.
+in the background when this module starts and overlap the table).
+docs/ERRORS.md gives the table's totals.
 
 Composing: a Hydra compose takes 0.1-0.3 s, too slow for 200 cases, so each set of config-group
 choices is composed once (``tests.conftest.compose_config``) and a case's ``key=value`` overrides

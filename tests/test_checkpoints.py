@@ -17,7 +17,12 @@ import pytest
 import torch
 
 from diffsweep.assembly import upgrade_run_config
-from diffsweep.checkpoints import CheckpointMismatchError, find_resume_checkpoint, load_module, read_checkpoint
+from diffsweep.checkpoints import (
+    CheckpointMismatchError,
+    find_resume_checkpoint,
+    load_module,
+    read_checkpoint,
+)
 from diffsweep.generate import generate
 from diffsweep.samplers import Sampler
 from diffsweep.train import run

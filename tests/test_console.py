@@ -29,7 +29,7 @@ def _emit(message: str) -> list[str]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         console.quiet()
-        warnings.warn(message, UserWarning)
+        warnings.warn(message, UserWarning, stacklevel=1)
     return [str(w.message) for w in caught]
 
 
@@ -125,9 +125,9 @@ def test_show_warnings_undoes_an_earlier_quiet(no_show_env):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         console.quiet()
-        warnings.warn(message, UserWarning)
+        warnings.warn(message, UserWarning, stacklevel=1)
         assert console.quiet(show=True) is False
-        warnings.warn(message, UserWarning)
+        warnings.warn(message, UserWarning, stacklevel=1)
         for name in ("alembic.runtime.plugins", *console._LIGHTNING_INFO_LOGGERS):
             assert not any(isinstance(existing, console._HarmlessLogFilter)
                            for existing in logging.getLogger(name).filters)
@@ -506,7 +506,8 @@ def test_a_group_option_that_does_not_exist_is_one_line_naming_the_options():
 def test_train_py_refuses_an_unknown_group_option_before_hydra_starts(tmp_path):
     import subprocess
 
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), "-m", "scheduler=linear,cosinus"],
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "-m",
+                             "scheduler=linear,cosinus"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [

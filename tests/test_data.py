@@ -104,8 +104,10 @@ def test_fingerprint_stable_and_sensitive():
     assert a.fingerprint("train") == b.fingerprint("train")
     assert len(a.fingerprint("train")) == 64 and int(a.fingerprint("train"), 16) >= 0
     assert a.fingerprint("train") != a.fingerprint("val")
-    assert a.fingerprint("train") != ImageDataModule(DigitsSource(resolution=32)).fingerprint("train")
-    assert a.fingerprint("train") != ImageDataModule(DigitsSource(val_fraction=0.2)).fingerprint("train")
+    assert a.fingerprint("train") != ImageDataModule(
+        DigitsSource(resolution=32)).fingerprint("train")
+    assert a.fingerprint("train") != ImageDataModule(
+        DigitsSource(val_fraction=0.2)).fingerprint("train")
 
 
 def test_decode_and_real_images():
@@ -134,11 +136,13 @@ def test_batch_size_larger_than_dataset_errors():
 
 def test_global_batch_is_split_across_ranks():
     dm = ImageDataModule(DigitsSource(), batch_size=64)
-    dm.trainer = SimpleNamespace(world_size=4, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    dm.trainer = SimpleNamespace(world_size=4,
+                                 strategy=SimpleNamespace(root_device=torch.device("cpu")))
     dm.setup("fit")
     assert dm.per_rank_batch_size == 16 and dm.train_dataloader().batch_size == 16
     dm = ImageDataModule(DigitsSource(), batch_size=30)
-    dm.trainer = SimpleNamespace(world_size=4, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    dm.trainer = SimpleNamespace(world_size=4,
+                                 strategy=SimpleNamespace(root_device=torch.device("cpu")))
     with pytest.raises(ValueError, match="GLOBAL batch size"):
         dm.setup("fit")
 
@@ -238,7 +242,8 @@ def test_folder_flip_only_on_train(folder):
     ref = val[0][0]
     assert all(torch.equal(val[0][0], ref) for _ in range(10))
     outs = [train[0][0] for _ in range(30)]
-    assert any(torch.equal(o, ref.flip(-1)) for o in outs) and any(torch.equal(o, ref) for o in outs)
+    assert any(torch.equal(o, ref.flip(-1)) for o in outs)
+    assert any(torch.equal(o, ref) for o in outs)
     dm = ImageDataModule(src, batch_size=2)
     assert dm.dataset("train").random_flip and not dm.dataset("val").random_flip
     no_flip = ImageFolderSource(folder, resolution=16, val_fraction=0.0, random_flip=False)
@@ -309,7 +314,8 @@ def test_folder_missing_and_empty(tmp_path):
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
     (empty / "sub" / "readme.txt").write_text("x")
-    with pytest.raises(FileNotFoundError, match=r"no images found under .*empty.*\.png.*\.jpg.*\.webp"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"no images found under .*empty.*\.png.*\.jpg.*\.webp"):
         ImageFolderSource(empty).load("train")
 
 
@@ -317,7 +323,8 @@ def test_folder_fingerprint(folder):
     a = ImageFolderSource(folder, resolution=16)
     assert a.fingerprint("train") == ImageFolderSource(folder, resolution=16).fingerprint("train")
     assert a.fingerprint("train") != ImageFolderSource(folder, resolution=32).fingerprint("train")
-    assert a.fingerprint("train") != ImageFolderSource(folder, resolution=16, channels=1).fingerprint("train")
+    assert a.fingerprint("train") != ImageFolderSource(folder, resolution=16,
+                                                       channels=1).fingerprint("train")
     _save(folder / "new.png")
     assert a.fingerprint("train") != ImageFolderSource(folder, resolution=16).fingerprint("train")
 
@@ -437,7 +444,9 @@ def test_mnist_resize_mode_and_missing_train(tmp_path):
     assert x.shape == (1, 16, 16) and -1 <= x.min() and x.max() <= 1
     with pytest.raises(ValueError, match="resize_mode=resize"):
         MNISTSource(tmp_path, resolution=16, resize_mode="pad")
-    with pytest.raises(FileNotFoundError, match=r"train-images-idx3-ubyte.*data\.root=.*download=true.*download is off"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"train-images-idx3-ubyte.*data\.root=.*download=true"
+                             r".*download is off"):
         src.load("train")
     dm = ImageDataModule(MNISTSource(tmp_path, download=False))
     with pytest.raises(FileNotFoundError, match="MNIST/raw"):
@@ -477,7 +486,8 @@ def _fake_cifar(root: Path, per_batch: int = 4, test: int = 3, bytes_keys: bool 
         labels = [(number + i) % 10 for i in range(n)]
         key = (lambda k: k.encode()) if bytes_keys else (lambda k: k)
         with open(folder / name, "wb") as handle:
-            pickle.dump({key("data"): data, key("labels"): labels, key("batch_label"): name}, handle)
+            pickle.dump({key("data"): data, key("labels"): labels, key("batch_label"): name},
+                        handle)
         arrays[name] = (data, labels)
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": list("abcdefghij")}))
     return arrays
@@ -495,7 +505,8 @@ def test_cifar10_reads_pickled_batches_offline(tmp_path, bytes_keys):
     # row layout: 1024 red, 1024 green, 1024 blue values, row-major 32x32
     data, labels = arrays["data_batch_2"]
     x, y = val[0]
-    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and int(y) == arrays["test_batch"][1][0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert int(y) == arrays["test_batch"][1][0]
     expected = torch.from_numpy(data[1].reshape(3, 32, 32)).float() / 127.5 - 1
     assert torch.equal(train.images[5].float() / 127.5 - 1, expected)
     assert int(train.labels[5]) == labels[1]
@@ -515,7 +526,8 @@ def test_cifar10_flat_folder_and_missing_files(tmp_path):
     (tmp_path / "cifar-10-batches-py").rename(flat)
     assert len(Cifar10Source(flat, download=False).load("train")) == 20
     (flat / "data_batch_3").unlink()
-    with pytest.raises(FileNotFoundError, match=r"data_batch_3.*cifar-10-batches-py.*data\.root=.*download is off"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"data_batch_3.*cifar-10-batches-py.*data\.root=.*download is off"):
         Cifar10Source(flat, download=False).load("train")
     assert len(Cifar10Source(flat, download=False).load("val")) == 3  # val needs test_batch only
 
@@ -564,7 +576,8 @@ def test_config_image_folder_instantiates(folder, tmp_path):
         dm.setup("fit")
 
 
-@pytest.mark.parametrize("name,cls", [("mnist", MNISTSource), ("fashion_mnist", FashionMNISTSource)])
+@pytest.mark.parametrize("name,cls", [("mnist", MNISTSource),
+                                      ("fashion_mnist", FashionMNISTSource)])
 def test_config_mnist_instantiates(name, cls, tmp_path):
     dm = instantiate(compose(name, tmp_path, **{"data.source.download": False}).data)
     assert isinstance(dm.source, cls) and dm.image_shape == (1, 32, 32)

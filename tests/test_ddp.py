@@ -1,5 +1,6 @@
 """DDP on CPU (gloo) with 2 processes: same training as 1 process at equal global batch; ranks > 0
-rebuild the Hydra job (no re-run of argv), so ``-m`` sweeps run each job once; rank 0 alone writes."""
+rebuild the Hydra job (no re-run of argv), so ``-m`` sweeps run each job once;
+rank 0 alone writes."""
 
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def _max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> flo
 def record_task(cfg) -> dict:
     """A task for ``rank_main``: what a rank process sees."""
     return {"config": cfg, "cwd": os.getcwd(),
-            "output_dir": HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None}
+            "output_dir": (HydraConfig.get().runtime.output_dir if HydraConfig.initialized()
+                           else None)}
 
 
 def test_job_file_rebuilds_the_jobs_config_in_a_rank_process(train_config, tmp_path, monkeypatch):
@@ -113,7 +115,8 @@ def test_trainer_ddp_config_selects_the_hydra_aware_strategy(train_config):
 @pytest.mark.slow
 def test_two_processes_match_one_process_at_equal_global_batch(train_config, tmp_path):
     """After 4 steps: logged (rank-averaged) losses, EMA and raw weights agree within 1e-5."""
-    overrides = [*FAST, *TINY, "data.batch_size=16", "callbacks.model_checkpoint.every_n_train_steps=4"]
+    overrides = [*FAST, *TINY, "data.batch_size=16",
+                 "callbacks.model_checkpoint.every_n_train_steps=4"]
     cfg = train_config(*TINY, "data.batch_size=16",
                        "callbacks.model_checkpoint.every_n_train_steps=4")
     run(cfg)
@@ -166,8 +169,8 @@ def test_multirun_with_ddp_runs_each_job_once_with_two_ranks(tmp_path):
 
 
 def test_several_devices_without_trainer_ddp_also_use_the_hydra_aware_strategy(train_config):
-    from diffsweep.launch import HydraDDPStrategy
     from diffsweep.assembly import default_strategy
+    from diffsweep.launch import HydraDDPStrategy
 
     assert isinstance(default_strategy(train_config("trainer.devices=4").trainer)["strategy"],
                       HydraDDPStrategy)

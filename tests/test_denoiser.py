@@ -1,4 +1,5 @@
-"""Denoiser: preconditioning, prediction-type conversions, dtype handling, classifier-free guidance."""
+"""Denoiser: preconditioning, prediction-type conversions, dtype handling,
+classifier-free guidance."""
 
 from __future__ import annotations
 
@@ -7,8 +8,13 @@ import torch
 from torch import nn
 
 from diffsweep.denoiser import ClassifierFreeGuidance, Denoiser
-from diffsweep.schedules import (ContinuousVPSchedule, DiscreteVPSchedule, EDMSchedule,
-                                 FlowMatchingSchedule, VESchedule)
+from diffsweep.schedules import (
+    ContinuousVPSchedule,
+    DiscreteVPSchedule,
+    EDMSchedule,
+    FlowMatchingSchedule,
+    VESchedule,
+)
 
 SCHEDULES = [DiscreteVPSchedule(), ContinuousVPSchedule(), VESchedule(), EDMSchedule(),
              FlowMatchingSchedule(), FlowMatchingSchedule(shift=3.0, density="logit_normal")]
@@ -16,7 +22,8 @@ PREDICTION_TYPES = ["epsilon", "sample", "v_prediction", "velocity"]
 
 
 class Oracle(nn.Module):
-    """Outputs a fixed tensor (set per test), whatever the input; records what it was called with."""
+    """Outputs a fixed tensor (set per test), whatever the input;
+    records what it was called with."""
 
     def __init__(self) -> None:
         super().__init__()

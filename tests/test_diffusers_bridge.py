@@ -23,9 +23,14 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from diffsweep.denoiser import Denoiser  # noqa: E402
-from diffsweep.diffusers_bridge import (TrainedBetasVPSchedule, load_pretrained,  # noqa: E402
-                                        read_weights_file, schedule_from_config, scheduler_config,
-                                        weight_files)
+from diffsweep.diffusers_bridge import (  # noqa: E402
+    TrainedBetasVPSchedule,
+    load_pretrained,
+    read_weights_file,
+    schedule_from_config,
+    scheduler_config,
+    weight_files,
+)
 from diffsweep.generate import generate  # noqa: E402
 from diffsweep.nets.diffusers_unet import DiffusersUNet, diffusers_unet  # noqa: E402
 from diffsweep.samplers import Sampler  # noqa: E402
@@ -36,7 +41,7 @@ SMALL_NOISE = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.004)
 
 
 def tiny_unet(channels: int = 1, size: int = 8, num_class_embeds: int | None = None,
-              seed: int = 0) -> "diffusers.UNet2DModel":
+              seed: int = 0) -> diffusers.UNet2DModel:
     """A random 2-level UNet2DModel with attention at the second level (45k parameters)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -196,8 +201,9 @@ def test_class_conditional_ddim_matches_before_the_clamp(tmp_path):
 
 def test_euler_linspace_is_told_the_fractional_timesteps(tmp_path):
     """EulerDiscreteScheduler's linspace grid is fractional (linspace_frac); the UNet is told the
-    same fractional t (999 / 7 apart for 8 steps). diffusers starts the Euler family from sigma_max * noise, we from the VP
-    prior sqrt(1 + sigma_max^2) * noise: the loop is started from ours."""
+    same fractional t (999 / 7 apart for 8 steps). diffusers starts the Euler family from
+    sigma_max * noise, we from the VP prior sqrt(1 + sigma_max^2) * noise: the loop is started from
+    ours."""
     unet = tiny_unet(seed=6)
     scheduler = diffusers.EulerDiscreteScheduler(**SMALL_NOISE, timestep_spacing="linspace")
     unet.save_pretrained(tmp_path / "unet")
@@ -410,7 +416,8 @@ def test_unsupported_models_are_refused(tmp_path):
     conditional.mkdir()
     (conditional / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
     diffusers.DDIMScheduler().save_pretrained(conditional)
-    with pytest.raises(ValueError, match="_class_name='UNet2DConditionModel'.*allowed: UNet2DModel"):
+    with pytest.raises(ValueError,
+                       match="_class_name='UNet2DConditionModel'.*allowed: UNet2DModel"):
         load_pretrained(conditional)
     learned_variance = tmp_path / "variance"
     with torch.random.fork_rng():

@@ -28,8 +28,12 @@ from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 
 from diffsweep.assembly import build_module  # noqa: E402
 from diffsweep.denoiser import Denoiser  # noqa: E402
-from diffsweep.diffusers_bridge import (FLOW_REFUSED_OPTIONS, load_pretrained,  # noqa: E402
-                                        resolve_scheduler_config, schedule_from_config)
+from diffsweep.diffusers_bridge import (  # noqa: E402
+    FLOW_REFUSED_OPTIONS,
+    load_pretrained,
+    resolve_scheduler_config,
+    schedule_from_config,
+)
 from diffsweep.export import ExportError, export_pipeline, export_scheduler_config  # noqa: E402
 from diffsweep.generate import generate  # noqa: E402
 from diffsweep.grids import sigma_grid  # noqa: E402
@@ -37,11 +41,9 @@ from diffsweep.nets.unet import UNet  # noqa: E402
 from diffsweep.samplers import SAMPLERS, Sampler  # noqa: E402
 from diffsweep.schedules import DiscreteVPSchedule, FlowMatchingSchedule  # noqa: E402
 from tests.conftest import compose_config  # noqa: E402
-from tests.test_diffusers_bridge import (assert_images_match, assert_raw_match,  # noqa: E402
-                                         seeded, tiny_unet)
+from tests.test_diffusers_bridge import assert_images_match, assert_raw_match, seeded, tiny_unet  # noqa: E402
 from tests.test_export import TINY, from_pretrained, perturbed  # noqa: E402
-from tests.test_flow import (SIGMA_ULP, TIMESTEP_ULP, diffusers_calculate_shift,  # noqa: E402
-                             noise_levels)
+from tests.test_flow import SIGMA_ULP, TIMESTEP_ULP, diffusers_calculate_shift, noise_levels  # noqa: E402
 
 #: Samples of diffusers' float32 loop vs our float64 Euler state (both from the same noise).
 LOOP_ATOL = 1e-5

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from diffsweep.callbacks.samples import save_grid
+from diffsweep.diffusers_bridge import load_pretrained
 from diffsweep.evaluate import run as evaluate
 from diffsweep.generate import generate
-from diffsweep.diffusers_bridge import load_pretrained
 from diffsweep.samplers import Sampler
 from tests.conftest import compose_config, run_entry_point
 

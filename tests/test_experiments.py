@@ -1,4 +1,5 @@
-"""experiments/vp_vs_ve and experiments/step_count: analyze.py on synthetic results, experiment configs."""
+"""experiments/vp_vs_ve and experiments/step_count: analyze.py on synthetic results,
+experiment configs."""
 
 from __future__ import annotations
 
@@ -103,7 +104,8 @@ def test_trend_needs_a_gap_beyond_the_seed_noise():
     first, last = {"0": 10.0, "1": 11.0, "2": 9.0}, {"0": 9.0, "1": 10.1, "2": 7.9}
     assert analyze.trend(list(first.values()), list(last.values())) == "within noise"
     assert analyze.trend(first, last) == "falls"
-    assert analyze.paired_delta(first, last)[2] == 3 and analyze.paired_delta({"0": 1.0}, last) is None
+    assert analyze.paired_delta(first, last)[2] == 3
+    assert analyze.paired_delta({"0": 1.0}, last) is None
 
 
 def test_select_matches_sampler_spacing_and_options_and_rejects_bad_items():
@@ -221,6 +223,7 @@ def test_vp_vs_ve_run_sh_quick_mode_trains_four_models_and_tabulates_them(tmp_pa
         assert len(mine) == 2 * count and {r["seed"] for r in mine} == {"0", "1"}, schedule
     md = (out / "results.md").read_text()
     for schedule in per_seed:
-        assert f"| {schedule} | dpmpp_2m | karras |" in md and f"| {schedule} | heun | karras |" in md
+        assert f"| {schedule} | dpmpp_2m | karras |" in md
+        assert f"| {schedule} | heun | karras |" in md
     assert "| cosine | ddim | leading |" in md and "| ve | ddim" not in md
     assert "## Does FID fall with NFE?" in md and (out / "fid_vs_nfe.png").is_file()

@@ -18,14 +18,20 @@ diffusers = pytest.importorskip("diffusers")
 
 from diffsweep.denoiser import Denoiser  # noqa: E402
 from diffsweep.diffusers_bridge import load_pretrained  # noqa: E402
-from diffsweep.export import (MIN_BETA, ExportError, convert_unet, export_pipeline,  # noqa: E402
-                              main, parse_args, parse_flag)
+from diffsweep.export import (  # noqa: E402
+    MIN_BETA,
+    ExportError,
+    convert_unet,
+    export_pipeline,
+    main,
+    parse_args,
+    parse_flag,
+)
 from diffsweep.generate import generate  # noqa: E402
 from diffsweep.nets.diffusers_unet import DiffusersUNet, diffusers_unet  # noqa: E402
 from diffsweep.nets.unet import UNet  # noqa: E402
 from diffsweep.samplers import SAMPLERS, Sampler  # noqa: E402
-from diffsweep.schedules import (ContinuousVPSchedule, DiscreteVPSchedule,  # noqa: E402
-                                 EDMSchedule, VESchedule)
+from diffsweep.schedules import ContinuousVPSchedule, DiscreteVPSchedule, EDMSchedule, VESchedule  # noqa: E402
 from tests.test_diffusers_bridge import assert_images_match, seeded  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

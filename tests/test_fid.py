@@ -31,9 +31,13 @@ from diffsweep.metrics.extractors import classifier as classifier_module
 from diffsweep.metrics.extractors import inception as inception_module
 from diffsweep.metrics.extractors.base import FeatureExtractor, extract_features
 from diffsweep.metrics.extractors.classifier import ClassifierFeatureExtractor
-from diffsweep.metrics.extractors.inception import (INCEPTION_ENV, INCEPTION_FILENAME,
-                                                    INCEPTION_URL, InceptionFeatureExtractor,
-                                                    InceptionWeightsError)
+from diffsweep.metrics.extractors.inception import (
+    INCEPTION_ENV,
+    INCEPTION_FILENAME,
+    INCEPTION_URL,
+    InceptionFeatureExtractor,
+    InceptionWeightsError,
+)
 from diffsweep.metrics.extractors.tiny import TinyFeatureExtractor
 from diffsweep.metrics.frechet import GaussianStats, frechet_distance
 from diffsweep.metrics.metric import FrechetDistance

@@ -47,8 +47,10 @@ from diffsweep.schedules import DiscreteVPSchedule, FlowMatchingSchedule, flow_d
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
-from diffusers.training_utils import (compute_density_for_timestep_sampling,  # noqa: E402
-                                      compute_loss_weighting_for_sd3)
+from diffusers.training_utils import (  # noqa: E402
+    compute_density_for_timestep_sampling,
+    compute_loss_weighting_for_sd3,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 N = 1000

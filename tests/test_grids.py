@@ -23,11 +23,16 @@ import numpy as np
 import pytest
 import torch
 
-from diffsweep.grids import (DISCRETE_SPACINGS, SPACINGS, check_num_steps, discrete_timesteps,
-                             resolve_spacing, sigma_grid)
+from diffsweep.grids import (
+    DISCRETE_SPACINGS,
+    SPACINGS,
+    check_num_steps,
+    discrete_timesteps,
+    resolve_spacing,
+    sigma_grid,
+)
 from diffsweep.samplers import Sampler
-from diffsweep.schedules import (ContinuousVPSchedule, DiscreteVPSchedule, EDMSchedule,
-                                 VESchedule)
+from diffsweep.schedules import ContinuousVPSchedule, DiscreteVPSchedule, EDMSchedule, VESchedule
 
 diffusers = pytest.importorskip("diffusers")
 

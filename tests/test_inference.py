@@ -37,7 +37,8 @@ def _module(**kwargs) -> DiffusionModule:
 
 def _inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(batch)
-    return torch.randn(batch, 1, 8, 8, generator=generator), torch.rand(batch, generator=generator) * 999
+    return (torch.randn(batch, 1, 8, 8, generator=generator),
+            torch.rand(batch, generator=generator) * 999)
 
 
 def _sample(module: DiffusionModule, **kwargs) -> torch.Tensor:
@@ -181,5 +182,6 @@ def test_training_callbacks_sample_with_the_compiled_copy(train_config, monkeypa
     metrics = train(cfg)
     # one compiled copy for the whole run: each validation's EMA weights are copied into it
     assert len(built) == 1 and not built[0].freeze_weights
-    assert all(torch.isfinite(torch.tensor(metrics[key])) for key in metrics if key.startswith("fid/"))
+    assert all(torch.isfinite(torch.tensor(metrics[key]))
+               for key in metrics if key.startswith("fid/"))
     assert (Path(cfg.paths.output_dir) / "samples" / "final.png").is_file()

@@ -121,8 +121,8 @@ def _train_command(run_dir: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_latent_sigkill_then_same_command_continues_the_identical_loss_curve(tmp_path):
-    """Killed after the step-8 checkpoint (epoch 2, 2 of 3 batches done), the same command resumes and
-    logs the uninterrupted run's losses bit for bit."""
+    """Killed after the step-8 checkpoint (epoch 2, 2 of 3 batches done), the same command resumes
+    and logs the uninterrupted run's losses bit for bit."""
     env = {**os.environ, "WANDB_MODE": "offline"}
     reference = tmp_path / "reference"
     subprocess.run(_train_command(reference), cwd=tmp_path, env=env, check=True,
@@ -147,9 +147,11 @@ def test_latent_sigkill_then_same_command_continues_the_identical_loss_curve(tmp
     assert read_status(interrupted)["status"] == "finished"
 
     with open(reference / "csv" / "metrics.csv") as handle:
-        expected = {int(r["step"]): r["train/loss"] for r in csv.DictReader(handle) if r.get("train/loss")}
+        expected = {int(r["step"]): r["train/loss"] for r in csv.DictReader(handle)
+                    if r.get("train/loss")}
     with open(interrupted / "csv" / "metrics.csv") as handle:
-        resumed = {int(r["step"]): r["train/loss"] for r in csv.DictReader(handle) if r.get("train/loss")}
+        resumed = {int(r["step"]): r["train/loss"] for r in csv.DictReader(handle)
+                   if r.get("train/loss")}
     assert max(resumed) == max(expected) == 13
     assert {s: resumed[s] for s in range(9, 14)} == {s: expected[s] for s in range(9, 14)}
     final_reference = _checkpoint(reference / "checkpoints" / "last.ckpt")

@@ -36,7 +36,8 @@ TINY = dict(block_out_channels=[32], latent_channels=4, norm_num_groups=8, sampl
 
 
 class TinyImages(ImageSource):
-    """Synthetic image source: ``n`` random images in train, ``n // 4`` in val, label = index % 10."""
+    """Synthetic image source: ``n`` random images in train, ``n // 4`` in val,
+    label = index % 10."""
 
     name = "tiny"
 
@@ -60,7 +61,8 @@ def make_source(tmp_path: Path, images=None, config=None, **kw) -> LatentSource:
     kw.setdefault("cache_dir", tmp_path / "cache")
     kw.setdefault("encode_batch_size", 8)
     kw.setdefault("progress", False)
-    vae = LatentVAE(config=dict(config or TINY), seed=0, scaling_factor=kw.pop("scaling_factor", None))
+    vae = LatentVAE(config=dict(config or TINY), seed=0,
+                    scaling_factor=kw.pop("scaling_factor", None))
     return LatentSource(images or TinyImages(), vae, **kw)
 
 
@@ -100,13 +102,14 @@ def test_vae_errors_are_clear():
     with pytest.raises(ValueError, match="exactly one of"):
         LatentVAE()
     with pytest.raises(ValueError, match="does not accept"):
-        LatentVAE(config={**TINY, "bogus": 1}).config
+        _ = LatentVAE(config={**TINY, "bogus": 1}).config  # the property validates
     with pytest.raises(ValueError, match="latent_channels"):
-        LatentVAE(config=TINY, latent_channels=16).config
+        _ = LatentVAE(config=TINY, latent_channels=16).config
 
 
 def test_source_errors_are_clear(tmp_path):
-    with pytest.raises(ValueError, match="on_corrupt='ignore' is not valid; choose one of: error, rebuild"):
+    with pytest.raises(ValueError,
+                       match="on_corrupt='ignore' is not valid; choose one of: error, rebuild"):
         make_source(tmp_path, on_corrupt="ignore")
     with pytest.raises(ValueError, match="storage_dtype"):
         make_source(tmp_path, storage_dtype="int8")
@@ -205,7 +208,8 @@ def test_interrupted_encode_resumes_and_matches_fresh_encode(tmp_path, monkeypat
     (directory,) = cache_dirs(tmp_path)
     assert not (directory / "manifest.json").exists() and not (directory / "mean.npy").exists()
     assert source.cache("train").read_manifest() is None  # nothing that looks valid
-    assert json.loads((directory / "progress.json").read_text())["done"] == 24  # 3 committed batches
+    # 3 committed batches
+    assert json.loads((directory / "progress.json").read_text())["done"] == 24
 
     resumed_source = make_source(tmp_path, checkpoint_every=1, sample_posterior=False)
     resumed = first(resumed_source, n=40)
@@ -235,7 +239,8 @@ def test_unusable_progress_restarts_cleanly(tmp_path):
 @pytest.mark.parametrize(
     "damage, named",
     [
-        (lambda d: (d / "manifest.json").write_text('{"format_version": 2, "key": '), "manifest.json"),
+        (lambda d: (d / "manifest.json").write_text('{"format_version": 2, "key": '),
+         "manifest.json"),
         (lambda d: (d / "mean.npy").write_bytes((d / "mean.npy").read_bytes()[:-100]), "mean.npy"),
         (lambda d: (d / "std.npy").unlink(), "std.npy"),
         (lambda d: np.save(d / "labels.npy", np.zeros(39, np.int64)), "labels.npy"),
@@ -434,7 +439,8 @@ def test_hydra_config_composes_and_instantiates(tmp_path):
                                            "vae@data.source.vae=sd_ft_mse",
                                            f"paths.root_dir={tmp_path}"])
     GlobalHydra.instance().clear()
-    assert (cfg.data.channels, cfg.data.resolution) == (4, 8)  # digits 16x16, tiny VAE downsamples 2x
+    # digits 16x16, tiny VAE downsamples 2x
+    assert (cfg.data.channels, cfg.data.resolution) == (4, 8)
     assert (cfg.model.in_channels, cfg.model.resolution) == (4, 8)
     assert mnist.data.source.images.source._target_.endswith("MNISTSource")
     assert (mnist.data.resolution, mnist.data.channels) == (4, 4)  # 32 / 8, SD's 4 channels

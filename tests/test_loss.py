@@ -1,4 +1,5 @@
-"""The pure training core: the loss object, the per-step draws, LR schedules, the composed module."""
+"""The pure training core: the loss object, the per-step draws, LR schedules,
+the composed module."""
 
 from __future__ import annotations
 

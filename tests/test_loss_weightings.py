@@ -14,12 +14,20 @@ from torch import nn
 from diffsweep.assembly import build_module
 from diffsweep.denoiser import PREDICTION_TYPES, Denoiser
 from diffsweep.grids import resolve_spacing
-from diffsweep.loss import (EPSILON_MAX_SIGMA, DenoisingLoss, EDMWeighting, LossWeighting,
-                            MinSNRWeighting, SigmoidWeighting, SoftMinSNRWeighting,
-                            TargetMSEWeighting, check_formulation, target_x0_weight)
+from diffsweep.loss import (
+    EPSILON_MAX_SIGMA,
+    DenoisingLoss,
+    EDMWeighting,
+    LossWeighting,
+    MinSNRWeighting,
+    SigmoidWeighting,
+    SoftMinSNRWeighting,
+    TargetMSEWeighting,
+    check_formulation,
+    target_x0_weight,
+)
 from diffsweep.module import DiffusionModule
-from diffsweep.schedules import (DiscreteVPSchedule, EDMSchedule, FlowMatchingSchedule,
-                                 VESchedule)
+from diffsweep.schedules import DiscreteVPSchedule, EDMSchedule, FlowMatchingSchedule, VESchedule
 
 #: sigma~ = 0.1, 0.5, 1, 2, 10  <->  SNR = 100, 4, 1, 0.25, 0.01
 SIGMA = torch.tensor([0.1, 0.5, 1.0, 2.0, 10.0], dtype=torch.float64)

@@ -18,13 +18,14 @@ from diffsweep.checkpoints import AtomicCheckpointIO, find_resume_checkpoint
 from diffsweep.module import DiffusionModule, NonFiniteLossError
 from diffsweep.resume import read_status, resumable_run_dir, run_status
 from diffsweep.train import run
-from tests.conftest import FAST, REPO
+from tests.conftest import REPO
 
 RESUME_RUN = [
     "trainer.max_steps=14", "trainer.val_check_interval=1000", "trainer.log_every_n_steps=1",
     "trainer.enable_model_summary=false", "data.batch_size=16", "model.base_channels=16",
     "callbacks.sample_grid.at_train_end=false", "callbacks.model_checkpoint.every_n_train_steps=2",
-    "~callbacks.progress_bar", "lr_schedule.warmup_steps=3", "logger.csv.flush_logs_every_n_steps=1",
+    "~callbacks.progress_bar", "lr_schedule.warmup_steps=3",
+    "logger.csv.flush_logs_every_n_steps=1",
 ]
 
 

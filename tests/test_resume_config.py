@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from diffsweep.checkpoints import CheckpointMismatchError
-from diffsweep.resume import (ConfigChange, check_resume_config, config_changes, key_matches,
-                              read_done, read_status)
+from diffsweep.resume import (
+    ConfigChange,
+    check_resume_config,
+    config_changes,
+    key_matches,
+    read_done,
+    read_status,
+)
 from diffsweep.train import run
 from tests.conftest import compose_config
 from tests.test_resume_kill import TINY

@@ -15,8 +15,9 @@ import copy
 import os
 import pickle
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,8 +31,14 @@ from diffsweep.checkpoints import AtomicCheckpointIO, load_module, module_from_c
 from diffsweep.data.cifar10 import Cifar10Source, read_cifar_batch
 from diffsweep.export import main as export_main
 from diffsweep.nets.unet import UNet
-from diffsweep.targets import (REGISTERED_TARGETS, StoredInterpolationError, TargetPolicy,
-                               UntrustedTargetError, check_targets, register_target)
+from diffsweep.targets import (
+    REGISTERED_TARGETS,
+    StoredInterpolationError,
+    TargetPolicy,
+    UntrustedTargetError,
+    check_targets,
+    register_target,
+)
 from diffsweep.train import run as train_run
 from tests.conftest import CONFIGS, FAST, compose_config
 

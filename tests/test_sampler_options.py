@@ -15,8 +15,15 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from diffsweep.samplers import (SAMPLERS, Sampler, X0Clipping, dynamic_threshold, option_names,
-                                sample_ddim, sample_ddpm)
+from diffsweep.samplers import (
+    SAMPLERS,
+    Sampler,
+    X0Clipping,
+    dynamic_threshold,
+    option_names,
+    sample_ddim,
+    sample_ddpm,
+)
 from tests.conftest import CONFIGS
 
 SAMPLER_CONFIGS = sorted((CONFIGS / "sampler").glob("*.yaml"))

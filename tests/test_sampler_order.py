@@ -1,4 +1,5 @@
-"""Samplers converge at the order their method promises, on the exact denoiser of a Gaussian mixture.
+"""Samplers converge at the order their method promises, on the exact denoiser
+of a Gaussian mixture.
 
 Deterministic samplers: from a fixed batch of exact ``x~_T`` the RMS distance of the sampler's
 output to the exact probability-flow ODE solution (:meth:`GaussianMixture.probability_flow`, RK4 in
@@ -55,7 +56,8 @@ _REFERENCES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _start_and_reference(sigma_start: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact marginal samples x~_T at ``sigma_start`` (float64, (BATCH, 2)) and their ODE solution."""
+    """Exact marginal samples x~_T at ``sigma_start``
+    (float64, (BATCH, 2)) and their ODE solution."""
     key = ("mixture", sigma_start)
     if key not in _REFERENCES:
         x_start = MIXTURE.sample(BATCH, torch.Generator().manual_seed(0), sigma=sigma_start)

@@ -9,8 +9,14 @@ import pytest
 import torch
 
 import diffsweep.schedules
-from diffsweep.schedules import (ContinuousVPSchedule, DiscreteVPSchedule, EDMSchedule,
-                                 FlowMatchingSchedule, VESchedule, discrete_betas)
+from diffsweep.schedules import (
+    ContinuousVPSchedule,
+    DiscreteVPSchedule,
+    EDMSchedule,
+    FlowMatchingSchedule,
+    VESchedule,
+    discrete_betas,
+)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -84,7 +90,8 @@ def test_discrete_formulas_match_design():
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
     abar = torch.cumprod(1 - betas, 0)
     n = torch.arange(1000, dtype=torch.float64)
-    # diffusers' (and our) table is built in float32: ~1e-7 relative in abar, 1e-4 in 1 - abar at n=0
+    # diffusers' (and our) table is built in float32: ~1e-7 relative in abar, 1e-4 in 1 - abar at
+    # n=0
     torch.testing.assert_close(schedule.alpha(n), abar.sqrt(), rtol=1e-6, atol=0)
     torch.testing.assert_close(schedule.sigma(n), (1 - abar).sqrt(), rtol=1e-4, atol=0)
     assert torch.equal(schedule.c_noise(n), n)
@@ -117,7 +124,8 @@ def test_ve_formulas_match_design():
 def test_edm_formulas_match_design():
     schedule = EDMSchedule()
     sigma = torch.tensor([0.002, 0.5, 80.0], dtype=torch.float64)
-    assert torch.equal(schedule.sigma(sigma), sigma) and torch.equal(schedule.t_of_sigma(sigma), sigma)
+    assert torch.equal(schedule.sigma(sigma), sigma)
+    assert torch.equal(schedule.t_of_sigma(sigma), sigma)
     torch.testing.assert_close(schedule.c_noise(sigma), sigma.log() / 4)
     torch.testing.assert_close(schedule.c_in(sigma), 1 / (sigma**2 + 0.25).sqrt())
     # ln sigma ~ N(-1.2, 1.2^2)

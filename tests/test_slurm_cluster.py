@@ -139,8 +139,8 @@ def _wait(condition, timeout: float, what: str, process: subprocess.Popen | None
         if process is not None and process.poll() is not None:
             break
         time.sleep(every)
-    output = process.communicate()[0][-4000:] if process is not None and process.poll() is not None \
-        else ""
+    output = (process.communicate()[0][-4000:]
+              if process is not None and process.poll() is not None else "")
     raise AssertionError(f"timed out waiting for {what}\n{output}")
 
 

@@ -22,9 +22,15 @@ import lightning as L
 import pytest
 import torch
 
-from diffsweep.callbacks.preemption import (EXIT_STATUS_BASE, Preempted, Preemption,
-                                            ignore_stop_signals, signal_number, slurm_job_id,
-                                            worker_init)
+from diffsweep.callbacks.preemption import (
+    EXIT_STATUS_BASE,
+    Preempted,
+    Preemption,
+    ignore_stop_signals,
+    signal_number,
+    slurm_job_id,
+    worker_init,
+)
 from diffsweep.checkpoints import AtomicCheckpointIO, find_resume_checkpoint
 from diffsweep.resume import read_status
 from diffsweep.train import run

@@ -9,12 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import FASHION, require_race_inputs
 import torch
 
 from diffsweep.denoiser import Denoiser
 from diffsweep.samplers import Sampler
+from tests.conftest import FASHION, require_race_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "benchmarks" / "time_to_quality.py"

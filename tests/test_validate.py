@@ -25,7 +25,6 @@ import lightning
 import numpy as np
 import pytest
 import torch
-from omegaconf import open_dict
 
 import diffsweep.evaluate as evaluate
 import diffsweep.loggers as loggers
@@ -33,10 +32,18 @@ import diffsweep.train as train
 import diffsweep.validate as validate
 from diffsweep.assembly import build_module
 from diffsweep.callbacks.ema import EMA
-from diffsweep.checkpoints import (AtomicCheckpointIO, CheckpointDiskFullError,
-                                   StateDictMismatchError, module_from_checkpoint)
-from diffsweep.validate import (ConfigError, eval_config_problems, train_config_problems,
-                                validate_train_config)
+from diffsweep.checkpoints import (
+    AtomicCheckpointIO,
+    CheckpointDiskFullError,
+    StateDictMismatchError,
+    module_from_checkpoint,
+)
+from diffsweep.validate import (
+    ConfigError,
+    eval_config_problems,
+    train_config_problems,
+    validate_train_config,
+)
 from tests.conftest import compose_config
 
 
@@ -215,7 +222,8 @@ def test_ema_arguments_out_of_range_are_refused(train_config, override, start, a
 
 
 def test_ema_callback_checks_its_own_arguments():
-    with pytest.raises(ValueError, match=r"callbacks\.ema\.max_decay=1\.5 is not allowed.*\[0, 1\)"):
+    with pytest.raises(ValueError,
+                       match=r"callbacks\.ema\.max_decay=1\.5 is not allowed.*\[0, 1\)"):
         EMA(max_decay=1.5)
     with pytest.raises(ValueError, match=r"min_decay=0\.5 is not allowed.*max_decay=0\.4"):
         EMA(max_decay=0.4, min_decay=0.5)
@@ -382,7 +390,8 @@ def test_grid_of_zero_samples_fails_before_loading_the_checkpoint(eval_config, n
     (["device=banana"], "device='banana' is not allowed: use auto, cpu, cuda or cuda:<index>."),
 ])
 def test_bad_eval_values_are_refused(eval_config, overrides, expected):
-    assert one_problem(eval_config_problems(eval_config(*overrides), cuda_device_count=0)) == expected
+    problems = eval_config_problems(eval_config(*overrides), cuda_device_count=0)
+    assert one_problem(problems) == expected
 
 
 def test_eval_device_index_beyond_the_gpus_is_refused(eval_config):
@@ -549,7 +558,8 @@ def test_wandb_server_that_accepts_but_never_answers_times_out(wandb_env, tmp_pa
 
 def test_online_wandb_without_any_key_fails_at_once(wandb_env, monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_API_KEY")
-    with pytest.raises(loggers.WandbLoginError, match="no API key is configured; set WANDB_API_KEY"):
+    with pytest.raises(loggers.WandbLoginError,
+                       match="no API key is configured; set WANDB_API_KEY"):
         loggers.wandb_logger(mode="online", save_dir=str(tmp_path), project="p")
 
 

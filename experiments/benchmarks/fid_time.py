@@ -99,7 +99,8 @@ def main() -> int:
         elif name == "classifier":
             dm = DigitsDM()
             ex = load_or_train_classifier(dm, cache)
-            note = f"trained once in {time.perf_counter() - t0:.1f}s (acc {ex.accuracy:.3f}), cached"
+            note = (f"trained once in {time.perf_counter() - t0:.1f}s (acc {ex.accuracy:.3f}), "
+                    "cached")
         elif name == "inception":
             try:
                 ex = InceptionFeatureExtractor(download=False)
@@ -121,7 +122,8 @@ def main() -> int:
 
     print(f"\nFID timing: {n} generated 1x16x16 images vs cached real stats, sampling excluded; "
           f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPUs\n")
-    hdr = f"{'extractor':<11}{'D':>6}{'features s':>13}{'img/s':>9}{'stats s':>9}{'total s':>10}  <=60s  note"
+    hdr = (f"{'extractor':<11}{'D':>6}{'features s':>13}{'img/s':>9}{'stats s':>9}{'total s':>10}"
+           "  <=60s  note")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:

@@ -31,8 +31,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import best_of  # noqa: E402
-from train_throughput import (CONFIGS, forward_flops, load_string, machine_string,  # noqa: E402
-                              our_unet, time_bare)
+from train_throughput import (  # noqa: E402
+    CONFIGS,
+    forward_flops,
+    load_string,
+    machine_string,
+    our_unet,
+    time_bare,
+)
 
 
 def matmul_gflops(n: int, dtype: torch.dtype, repeats: int) -> float:

@@ -52,7 +52,8 @@ class CachedLatents(ImageSource):
 
     name = "cached_latents"
 
-    def __init__(self, directory: Path, shape: tuple[int, int, int], sample_posterior: bool) -> None:
+    def __init__(self, directory: Path, shape: tuple[int, int, int],
+                 sample_posterior: bool) -> None:
         self.directory, self.sample_posterior = directory, sample_posterior
         self.channels, self.resolution = shape[0], shape[1]
 

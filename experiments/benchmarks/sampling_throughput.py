@@ -3,8 +3,8 @@
 At equal NFE and batch, for each config of ``train_throughput.py`` (our UNet from
 ``configs/model/*.yaml``; diffusers' ``UNet2DModel`` built to the same layout, so equal FLOPs):
 
-- ``ours``: ``generate(module.denoiser, Sampler(method, num_steps), ...)`` (float64 state, the real path
-  used by the sample-grid and FID callbacks);
+- ``ours``: ``generate(module.denoiser, Sampler(method, num_steps), ...)`` (float64 state, the real
+  path used by the sample-grid and FID callbacks);
 - ``ours compiled``: the same with ``compile=True``: a compiled copy of the net, with its weights
   frozen into the graph as ``evaluate.py compile=true`` does (``--compile-mode frozen``), or read
   at run time as during training with ``module.sample_compile=true`` (``--compile-mode plain``);
@@ -34,8 +34,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import (CONFIGS, DiffusersAdapter, diffusers_unet, load_string,  # noqa: E402
-                              machine_string, make_module)
+from train_throughput import (  # noqa: E402
+    CONFIGS,
+    DiffusersAdapter,
+    diffusers_unet,
+    load_string,
+    machine_string,
+    make_module,
+)
 
 
 def _timed(fn) -> float:
@@ -45,8 +51,7 @@ def _timed(fn) -> float:
 
 
 def diffusers_pipeline(method: str, unet):
-    from diffusers import (DDIMPipeline, DDIMScheduler, DDPMPipeline,
-                           DPMSolverMultistepScheduler)
+    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DPMSolverMultistepScheduler
 
     if method == "ddim":
         pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(beta_schedule="linear"))
@@ -100,26 +105,28 @@ def main() -> None:
                 sampler = Sampler(method, num_steps=args.nfe)
                 assert sampler.nfe == args.nfe, "use a one-NFE-per-step sampler"
                 pipe = diffusers_pipeline(method, theirs)
+                # Every case is timed below in this same iteration, so the closures see this
+                # iteration's loop variables (B023's late binding cannot bite).
                 cases = {
-                    "ours": lambda: generate(module.denoiser, sampler, args.batch, (c, r, r),
+                    "ours": lambda: generate(module.denoiser, sampler, args.batch, (c, r, r),  # noqa: B023 - timed in this iteration
                                              generator=torch.Generator().manual_seed(0)),
-                    "ours@diffusers-net": lambda: sampler(
-                        their_denoiser, module.schedule, (args.batch, c, r, r),
+                    "ours@diffusers-net": lambda: sampler(  # noqa: B023 - timed in this iteration
+                        their_denoiser, module.schedule, (args.batch, c, r, r),  # noqa: B023 - timed in this iteration
                         generator=torch.Generator().manual_seed(0)),
-                    "diffusers": lambda: pipe(batch_size=args.batch, num_inference_steps=args.nfe,
+                    "diffusers": lambda: pipe(batch_size=args.batch, num_inference_steps=args.nfe,  # noqa: B023 - timed in this iteration
                                               output_type="np",
                                               generator=torch.Generator().manual_seed(0)),
-                    "fwd ours": lambda: module.net(x, t),
-                    "fwd diffusers": lambda: theirs(x, t),
+                    "fwd ours": lambda: module.net(x, t),  # noqa: B023 - timed in this iteration
+                    "fwd diffusers": lambda: theirs(x, t),  # noqa: B023 - timed in this iteration
                 }
                 if not args.no_compile:
                     cases["ours compiled"] = lambda: generate(
-                        module.denoiser, sampler, args.batch, (c, r, r),
+                        module.denoiser, sampler, args.batch, (c, r, r),  # noqa: B023 - timed in this iteration
                         generator=torch.Generator().manual_seed(0), compile=True,
-                        freeze_weights=freeze)
+                        freeze_weights=freeze)  # noqa: B023 - timed in this iteration
                 if not args.no_compile and args.compile_diffusers:
                     compiled_pipe = diffusers_pipeline(method, compiled_theirs)
-                    cases["diffusers compiled"] = lambda: compiled_pipe(
+                    cases["diffusers compiled"] = lambda: compiled_pipe(  # noqa: B023 - timed in this iteration
                         batch_size=args.batch, num_inference_steps=args.nfe, output_type="np",
                         generator=torch.Generator().manual_seed(0))
                 times: dict[str, list[float]] = {k: [] for k in cases}

@@ -210,7 +210,7 @@ class DiffsweepRecipe(Recipe):
 
     @classmethod
     def build(cls, name: str, label: str, overrides: list[str], args: argparse.Namespace,
-              own_pair: dict[str, Any] | None = None) -> "DiffsweepRecipe":
+              own_pair: dict[str, Any] | None = None) -> DiffsweepRecipe:
         from diffsweep.assembly import build_module
 
         cfg = compose_train_config([*data_overrides(args), *overrides], args.out / name)
@@ -311,7 +311,7 @@ class DiffusersRecipe(Recipe):
 
     @classmethod
     def build(cls, unet_kwargs: dict[str, Any], args: argparse.Namespace,
-              images: int) -> "DiffusersRecipe":
+              images: int) -> DiffusersRecipe:
         from diffusers import DDPMScheduler
         from diffusers.optimization import get_scheduler
         from diffusers.training_utils import EMAModel
@@ -422,7 +422,7 @@ class LucidrainsRecipe(Recipe):
 
     @classmethod
     def build(cls, target_parameters: int, args: argparse.Namespace,
-              unet_kwargs: dict[str, Any]) -> "LucidrainsRecipe":
+              unet_kwargs: dict[str, Any]) -> LucidrainsRecipe:
         from denoising_diffusion_pytorch import GaussianDiffusion, Unet
         from ema_pytorch import EMA
 

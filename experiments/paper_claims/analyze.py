@@ -22,8 +22,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence, Union
 
 HERE = Path(__file__).resolve().parent
 SD3_ORDER = ("rf/lognorm(0.00, 1.00)", "rf/uniform", "eps/linear")
@@ -37,11 +37,12 @@ def cells(rows: Sequence[dict[str, str]]) -> dict[str, dict[int, list[float]]]:
     return {name: dict(values) for name, values in out.items()}
 
 
-FIDs = Union[Sequence[float], Mapping[str, float]]  # one cell: FIDs, or {noise seed: FID}
+FIDs = Sequence[float] | Mapping[str, float]  # one cell: FIDs, or {noise seed: FID}
 
 
 sys.path.insert(0, str(HERE.parent))  # experiments/: the studies' analyze scripts import each other
 from vp_vs_ve import analyze as base  # noqa: E402  (shared helpers: cells, mean ± sd, seed pairing)
+
 paired_delta = base.paired_delta
 
 
@@ -99,7 +100,7 @@ def fid_cells(rows: Sequence[dict[str, str]], schedule: str, sampler: str, spaci
 def cell_table(columns: Sequence[int], named: Sequence[tuple[str, Cells]], axis: str = "NFE"
                ) -> list[str]:
     """Markdown rows: one per ``(name, cells)``, one column per NFE; missing cells are ``–``."""
-    lines = [f"| | " + " | ".join(f"{axis} {c}" for c in columns) + " |",
+    lines = ["| | " + " | ".join(f"{axis} {c}" for c in columns) + " |",
              "|---|" + "---:|" * len(columns)]
     for name, table in named:
         lines.append(f"| {name} | " + " | ".join(show(table[c]) if c in table else "–"
@@ -291,8 +292,8 @@ def sd3_section(rows: Sequence[dict[str, str]]) -> list[str]:
             - mean_sd(lognorm[nfe])[0] for nfe in nfes}
     fewest = nfes[0]
     largest = max(gaps, key=lambda nfe: gaps[nfe])
-    lines.append(f"| the lead is largest at few steps | \"most at few sampling steps\" | lead over "
-                 f"the best rival: " + ", ".join(f"{gaps[n]:+.2f} at {n}" for n in nfes) +
+    lines.append("| the lead is largest at few steps | \"most at few sampling steps\" | lead over "
+                 "the best rival: " + ", ".join(f"{gaps[n]:+.2f} at {n}" for n in nfes) +
                  f" | {'yes' if largest == fewest else 'no'} |")
     return lines
 

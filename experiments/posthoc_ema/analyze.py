@@ -19,8 +19,8 @@ import csv
 import math
 import statistics
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 DEFAULT = "default EMA"
 Key = tuple[str, str, int]  # (schedule, sampler (spacing), nfe)

@@ -7,11 +7,12 @@ Table: one row per (training schedule, sampler, spacing), one column per NFE bud
 FID of the run with the largest NFE within the budget (and above the previous budget), with the
 actual NFE in brackets when it differs (heun spends 2n - 1 evaluations, so 9 sits in the 10 column).
 Rows repeated with different noise seeds are averaged (the number of seeds is then given as ``n=``).
-Plot: one panel per schedule, one line per sampler, log-x NFE, log-y FID, error bars = sd over seeds.
-Trend: per (schedule, sampler, spacing), FID at its fewest NFE against FID at its most, with a verdict
-(falls / within noise / rises): on the seed-paired difference (same noise seed in both cells) when
-there are >= 2 shared seeds, significant when its mean exceeds its sd; else the gap of the means
-against the two cells' summed sd.
+Plot: one panel per schedule, one line per sampler, log-x NFE, log-y FID,
+error bars = sd over seeds.
+Trend: per (schedule, sampler, spacing), FID at its fewest NFE against FID at its most, with a
+verdict (falls / within noise / rises): on the seed-paired difference (same noise seed in both
+cells) when there are >= 2 shared seeds, significant when its mean exceeds its sd; else the gap of
+the means against the two cells' summed sd.
 ``--select sampler:spacing[:k=v;...],...`` keeps only those cells (the given sampler options must
 match; the checkpoint's own EMA, no post-hoc profile), and the rows used are written to
 ``<out-dir>/results.csv``.
@@ -21,11 +22,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import statistics
 from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 Key = tuple[str, str, str]  # (schedule, sampler, spacing)
 
@@ -195,12 +195,12 @@ def markdown_table(rows: Sequence[dict[str, str]], budgets: Sequence[int] | None
 
 def plot(rows: Sequence[dict[str, str]], path: str | Path, title: str = "",
          floor: tuple[float, float] | None = None) -> Path:
-    """FID vs NFE, one panel per schedule (log-x, log-y); ``floor=(mean, std)`` draws a grey band."""
+    """FID vs NFE, one panel per schedule (log-x, log-y);
+    ``floor=(mean, std)`` draws a grey band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
     groups = group(rows)
@@ -267,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--budgets", default="",
                         help="comma-separated NFE columns (default: every NFE seen)")
     parser.add_argument("--out-dir", default=str(here), help="where results.md and the PNG go")
-    parser.add_argument("--title", default="VP (linear, cosine) vs VE vs EDM: classifier-FID vs NFE")
+    parser.add_argument("--title",
+                        default="VP (linear, cosine) vs VE vs EDM: classifier-FID vs NFE")
     parser.add_argument("--select", default="",
                         help="sampler:spacing[:k=v;...] cells to keep, comma-separated (default: "
                              "every row); "

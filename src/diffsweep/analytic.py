@@ -3,11 +3,12 @@
 For data ``x0 ~ sum_k w_k N(mu_k, diag(v_k))`` and ``x~ = x0 + sigma~ eps`` everything a sampler
 needs is available in closed form (all in sigma-space, see :mod:`diffsweep.schedules`):
 
-- the marginal ``p_sigma = sum_k w_k N(mu_k, diag(v_k + sigma^2))`` (:meth:`GaussianMixture.log_prob`,
-  :meth:`GaussianMixture.sample` with ``sigma > 0``), from which the exact initial noise at
-  ``sigma_max`` is drawn;
+- the marginal ``p_sigma = sum_k w_k N(mu_k, diag(v_k + sigma^2))``
+  (:meth:`GaussianMixture.log_prob`, :meth:`GaussianMixture.sample` with ``sigma > 0``), from which
+  the exact initial noise at ``sigma_max`` is drawn;
 - the responsibilities ``r_k(x~) = w_k N(x~; mu_k, v_k + sigma^2) / p_sigma(x~)`` (via logsumexp);
-- the exact denoiser ``D(x~, sigma) = E[x0 | x~] = sum_k r_k (mu_k + v_k / (v_k + sigma^2) (x~ - mu_k))``;
+- the exact denoiser
+  ``D(x~, sigma) = E[x0 | x~] = sum_k r_k (mu_k + v_k / (v_k + sigma^2) (x~ - mu_k))``;
 - the score ``grad log p_sigma = -sum_k r_k (x~ - mu_k) / (v_k + sigma^2) = (D - x~) / sigma^2``
   (Tweedie);
 - the probability-flow ODE ``dx~/dsigma = (x~ - D) / sigma = -sigma * score``, written in the second
@@ -96,7 +97,8 @@ class GaussianMixture:
 
     @classmethod
     def ring(cls, num_modes: int = 8, radius: float = 1.0, std: float = 0.1) -> GaussianMixture:
-        """``num_modes`` equal-weight isotropic modes of std ``std`` evenly spaced on a 2-D circle."""
+        """``num_modes`` equal-weight isotropic modes of std ``std`` evenly spaced
+        on a 2-D circle."""
         angles = torch.arange(num_modes, dtype=torch.float64) * (2 * math.pi / num_modes)
         means = radius * torch.stack([angles.cos(), angles.sin()], dim=1)
         return cls(torch.ones(num_modes), means, std**2)
@@ -173,7 +175,8 @@ class GaussianMixture:
         return torch.logsumexp(log_joint, dim=1)
 
     def responsibilities(self, x: Tensor, sigma: Tensor | float) -> Tensor:
-        """Posterior component probabilities ``p(k | x~)`` at ``sigma``: (B, K) float64, rows sum to 1."""
+        """Posterior component probabilities ``p(k | x~)`` at ``sigma``: (B, K) float64,
+        rows sum to 1."""
         flat = self._flatten(x)
         sigma_b = _sigma_per_row(sigma, flat.shape[0], torch.float64, flat.device)
         _, _, log_joint = self._component_terms(flat, sigma_b)
@@ -195,7 +198,8 @@ class GaussianMixture:
         sigma_b = _sigma_per_row(sigma, flat.shape[0], torch.float64, flat.device)
         diff, total_var, log_joint = self._component_terms(flat, sigma_b)
         resp = torch.softmax(log_joint, dim=1)
-        # Per-component posterior mean mu_k + v_k / (v_k + s^2) (x - mu_k) = x - s^2/(v_k+s^2) (x-mu_k).
+        # Per-component posterior mean mu_k + v_k / (v_k + s^2) (x - mu_k) = x - s^2/(v_k+s^2)
+        # (x-mu_k).
         shrink = (sigma_b**2)[:, None, None] / total_var
         posterior_means = flat[:, None, :] - shrink * diff
         x0 = (resp[:, :, None] * posterior_means).sum(1)
@@ -204,7 +208,8 @@ class GaussianMixture:
     __call__ = denoise
 
     def score(self, x: Tensor, sigma: Tensor | float) -> Tensor:
-        """``grad_x log p_sigma(x~) = -sum_k r_k (x~ - mu_k) / (v_k + sigma^2)``; shape and dtype of x."""
+        """``grad_x log p_sigma(x~) = -sum_k r_k (x~ - mu_k) / (v_k + sigma^2)``;
+        shape and dtype of x."""
         flat = self._flatten(x)
         sigma_b = _sigma_per_row(sigma, flat.shape[0], torch.float64, flat.device)
         diff, total_var, log_joint = self._component_terms(flat, sigma_b)
@@ -224,7 +229,8 @@ class GaussianMixture:
 
     @torch.no_grad()
     def probability_flow(self, x: Tensor, sigma_start: float, sigma_end: float = 0.0,
-                         steps_per_unit_log_sigma: int = 200, final_linear_steps: int = 32) -> Tensor:
+                         steps_per_unit_log_sigma: int = 200,
+                         final_linear_steps: int = 32) -> Tensor:
         """Solve the probability-flow ODE from ``sigma_start`` to ``sigma_end`` to high accuracy.
 
         Classic RK4 in ``u = log sigma`` (``dx/du = -sigma^2 score``) with
@@ -284,7 +290,8 @@ def _rk4(velocity, state: Tensor, t_start: float, t_end: float, num_steps: int) 
 
 
 def rms_error(samples: Tensor, reference: Tensor) -> float:
-    """Root-mean-square per-sample Euclidean error ``sqrt(mean_b |x_b - ref_b|^2)`` (paired rows)."""
+    """Root-mean-square per-sample Euclidean error ``sqrt(mean_b |x_b - ref_b|^2)``
+    (paired rows)."""
     diff = samples.reshape(samples.shape[0], -1).double() - reference.reshape(
         reference.shape[0], -1).double()
     return float(diff.pow(2).sum(1).mean().sqrt())
@@ -306,7 +313,8 @@ def gaussian_frechet_distance(samples: Tensor, mean: Tensor, covariance: Tensor)
 
 
 def mmd_to_mixture(samples: Tensor, mixture: GaussianMixture, bandwidth: float) -> float:
-    """Unbiased squared MMD between ``samples`` and the mixture, Gaussian kernel of width ``bandwidth``.
+    """Unbiased squared MMD between ``samples`` and the mixture, Gaussian kernel
+    of width ``bandwidth``.
 
     ``k(x, y) = exp(-|x - y|^2 / (2 h^2))``. The two terms involving the mixture are exact
     (Gaussian integrals); only ``E k(x, x')`` over the samples is estimated (U-statistic), so for
@@ -322,7 +330,8 @@ def mmd_to_mixture(samples: Tensor, mixture: GaussianMixture, bandwidth: float) 
     kxx = torch.cdist(x, x)  # (n, n), overwritten in place by the kernel values
     kxx.square_().mul_(-0.5 / h2).exp_()
     term_qq = (kxx.sum() - n) / (n * (n - 1))  # drop the diagonal, k(x, x) = 1
-    # E_{y~p} k(x, y) = sum_k w_k prod_j sqrt(h2 / (h2 + v_kj)) exp(-(x_j - mu_kj)^2 / (2 (h2 + v_kj)))
+    # E_{y~p} k(x, y) = sum_k w_k prod_j sqrt(h2 / (h2 + v_kj)) exp(-(x_j - mu_kj)^2 / (2 (h2 +
+    # v_kj)))
     var = mixture.variances[None] + h2
     log_terms = (0.5 * torch.log(h2 / var) - (x[:, None, :] - mixture.means[None]) ** 2
                  / (2 * var)).sum(-1)

@@ -4,9 +4,9 @@
 
 A run is ``cfg.data`` (the DataModule), ``cfg.module`` (the DiffusionModule: its ``denoiser.net``,
 ``denoiser.schedule``, ``loss``, ``lr_schedule`` and ``sampler`` are interpolations of the
-``model``, ``scheduler``, ``loss``, ``lr_schedule`` and ``sampler`` groups, so one instantiate builds
-it), ``cfg.callbacks`` + ``cfg.metrics`` (callbacks), ``cfg.logger`` (loggers) and ``cfg.trainer``.
-``train.py`` and ``evaluate.py`` only call these functions.
+``model``, ``scheduler``, ``loss``, ``lr_schedule`` and ``sampler`` groups, so one instantiate
+builds it), ``cfg.callbacks`` + ``cfg.metrics`` (callbacks), ``cfg.logger`` (loggers) and
+``cfg.trainer``. ``train.py`` and ``evaluate.py`` only call these functions.
 
 Checkpoints store the resolved run config (``diffsweep_config``); :func:`build_module` rebuilds
 the module from it. Configs written before the module config named its parts (the net, schedule
@@ -20,7 +20,8 @@ targets and no interpolations (:mod:`diffsweep.targets`), checked before anythin
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor

@@ -21,8 +21,9 @@ import errno
 import logging
 import pickle
 import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -219,7 +220,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def load_weights_only(path: str | Path,
-                      map_location: str | torch.device | Callable[..., Any] = "cpu") -> dict[str, Any]:
+                      map_location: str | torch.device | Callable[..., Any] = "cpu"
+                      ) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)``: a file whose unpickling would run code (a pickled
     ``nn.Module``, any class outside torch's safe list) is refused with a ValueError naming it,
     and so is an empty or otherwise unreadable file."""
@@ -252,7 +254,7 @@ def strip_compile_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
 
 def load_module(path: str | Path, weights: str = "ema",
                 map_location: str | torch.device = "cpu",
-                trusted_targets: Iterable[str] = ()) -> "DiffusionModule":
+                trusted_targets: Iterable[str] = ()) -> DiffusionModule:
     """Rebuild the DiffusionModule of a checkpoint and load ``weights`` (``ema`` or ``raw``);
     ``trusted_targets``: the command's own trusted ``_target_`` names (:mod:`diffsweep.targets`)."""
     return module_from_checkpoint(read_checkpoint(path), weights, source=str(path),
@@ -261,7 +263,7 @@ def load_module(path: str | Path, weights: str = "ema",
 
 def module_from_checkpoint(checkpoint: dict[str, Any], weights: str = "ema",
                            source: str = "(loaded in memory)",
-                           trusted_targets: Iterable[str] = ()) -> "DiffusionModule":
+                           trusted_targets: Iterable[str] = ()) -> DiffusionModule:
     """The DiffusionModule of an already loaded checkpoint dict, with ``weights`` loaded.
 
     The checkpoint's structure (:func:`check_checkpoint`) and every ``_target_`` of its stored

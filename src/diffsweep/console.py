@@ -30,8 +30,9 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from hydra.errors import CompactHydraException, InstantiationException
 from lightning.fabric.utilities.exceptions import MisconfigurationException

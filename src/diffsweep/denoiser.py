@@ -41,7 +41,7 @@ would cancel ~9 digits.
 from __future__ import annotations
 
 import itertools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -103,14 +103,15 @@ class Denoiser(nn.Module):
         """The net's class count when it is class-conditional (its null label), else None."""
         return getattr(self.net, "num_classes", None)
 
-    def with_net(self, net: nn.Module) -> "Denoiser":
+    def with_net(self, net: nn.Module) -> Denoiser:
         """The same preconditioning over another net computing the same function (e.g. a
         compiled copy)."""
         return Denoiser(net, self.schedule, self.prediction_type)
 
     @property
     def net_dtype(self) -> torch.dtype:
-        """The dtype the net is fed: that of its first floating parameter or buffer, else float32."""
+        """The dtype the net is fed: that of its first floating parameter or buffer,
+        else float32."""
         for tensor in itertools.chain(self.net.parameters(), self.net.buffers()):
             if tensor.is_floating_point():
                 return tensor.dtype
@@ -127,7 +128,8 @@ class Denoiser(nn.Module):
     def net_inputs(self, x: Tensor, sigma: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
         """``(c_in * x~, c_noise, c_in)`` for a batch; c_noise and c_in of shape (B,).
 
-        ``c_in * x~`` is computed in x~'s dtype and returned in :attr:`net_dtype`; c_noise is float32.
+        ``c_in * x~`` is computed in x~'s dtype and returned in :attr:`net_dtype`;
+        c_noise is float32.
         """
         sigma = self._sigma_batch(x, sigma)
         c_in = self.schedule.c_in(sigma).to(x.device)
@@ -173,7 +175,8 @@ class Denoiser(nn.Module):
         return x - append_dims(sigma, x.ndim).to(device=x.device, dtype=x.dtype) * eps
 
     def _unit_scale(self, sigma: Tensor) -> Tensor:
-        """The unit-variance scale ``1 / sqrt(sigma~^2 + sigma_data^2)`` (float64, sigma's device)."""
+        """The unit-variance scale ``1 / sqrt(sigma~^2 + sigma_data^2)``
+        (float64, sigma's device)."""
         sigma = torch.as_tensor(sigma, dtype=torch.float64)
         return torch.rsqrt(sigma**2 + self.schedule.sigma_data**2)
 

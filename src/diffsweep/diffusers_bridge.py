@@ -57,9 +57,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -69,8 +70,12 @@ from diffsweep.files import file_sha256, stable_hash
 from diffsweep.grids import sigma_grid
 from diffsweep.nets.diffusers_unet import DiffusersUNet, require_diffusers
 from diffsweep.samplers import Sampler
-from diffsweep.schedules import (BETA_SCHEDULES, DiscreteVPSchedule, FlowMatchingSchedule,
-                                 NoiseSchedule)
+from diffsweep.schedules import (
+    BETA_SCHEDULES,
+    DiscreteVPSchedule,
+    FlowMatchingSchedule,
+    NoiseSchedule,
+)
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +150,8 @@ class TrainedBetasVPSchedule(DiscreteVPSchedule):
     as diffusers does, then held in float64; ``rescale_betas_zero_snr`` as in the parent.
     """
 
-    def __init__(self, trained_betas: Sequence[float], rescale_betas_zero_snr: bool = False) -> None:
+    def __init__(self, trained_betas: Sequence[float],
+                 rescale_betas_zero_snr: bool = False) -> None:
         betas = torch.tensor(list(trained_betas), dtype=torch.float32)
         if betas.ndim != 1 or len(betas) < 2:
             raise ValueError(f"trained_betas must be a list of at least 2 floats, got shape "
@@ -405,7 +411,8 @@ def scheduler_config(schedule: DiscreteVPSchedule, prediction_type: str,
                      beta_range: tuple[float, float] | None = None) -> dict[str, Any]:
     """The diffusers scheduler config that reproduces ``schedule`` (the inverse of
     :func:`schedule_from_config`): named beta schedules as such, :class:`TrainedBetasVPSchedule`
-    as ``trained_betas``; ``clip_sample=False`` (exported samples are unclipped, as diffsweep samples by default).
+    as ``trained_betas``; ``clip_sample=False`` (exported samples are unclipped, as diffsweep
+    samples by default).
 
     ``beta_range``: the ``(beta_start, beta_end)`` the schedule was built with (a
     DiscreteVPSchedule does not keep them); when None they are read from the schedule's
@@ -586,8 +593,8 @@ def load_net(folder: PathLike, variant: str | None = None) -> DiffusersUNet:
     """The :class:`DiffusersUNet` of a pipeline folder (its ``unet/``) or a UNet2DModel folder.
 
     Config from ``config.json`` (``_class_name`` must be UNet2DModel), weights as in
-    :func:`read_weights_file` (copied into float32 parameters), diffsweep's null label from ``diffsweep.json``
-    when the folder was written by :mod:`diffsweep.export`.
+    :func:`read_weights_file` (copied into float32 parameters), diffsweep's null label from
+    ``diffsweep.json`` when the folder was written by :mod:`diffsweep.export`.
     """
     diffusers = require_diffusers()
     model_dir = _unet_dir(Path(folder))

@@ -6,9 +6,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -16,16 +17,21 @@ from omegaconf import DictConfig, OmegaConf
 from diffsweep.assembly import build_datamodule, check_shapes
 from diffsweep.callbacks.samples import save_grid
 from diffsweep.checkpoints import module_from_checkpoint, read_checkpoint
+from diffsweep.console import console_options, quiet
+from diffsweep.denoiser import Denoiser
 from diffsweep.generate import generate
 from diffsweep.grids import resolve_spacing
+from diffsweep.hydra_utils import (
+    hydra_choices,
+    instantiate_dict,
+    print_config_tree,
+    run_config_dict,
+)
 from diffsweep.inference import autocast_dtype
-from diffsweep.denoiser import Denoiser
-from diffsweep.console import console_options, quiet
-from diffsweep.hydra_utils import hydra_choices, instantiate_dict, print_config_tree, run_config_dict
 from diffsweep.metrics.evaluator import balanced_labels
-from diffsweep.samplers import Sampler
 from diffsweep.results import EVAL_ROW_KEY, append_row
 from diffsweep.resume import finished_evaluation, mark_evaluation_done
+from diffsweep.samplers import Sampler
 from diffsweep.targets import TargetPolicy, command_trusted_targets, safe_instantiate
 from diffsweep.validate import validate_eval_config
 
@@ -154,7 +160,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     row: dict[str, Any] = {
         **model.row_head, "sampler": sampler.method_name,
-        "num_steps": sampler.num_steps, "spacing": resolve_spacing(denoiser.schedule, sampler.spacing),
+        "num_steps": sampler.num_steps,
+        "spacing": resolve_spacing(denoiser.schedule, sampler.spacing),
         "nfe": sampler.nfe_on(denoiser.schedule),
         "options": ";".join(f"{k}={v}" for k, v in sampler.options.items()),
         "guidance_scale": "" if guidance_scale is None else guidance_scale,

@@ -70,23 +70,34 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from diffsweep.denoiser import Denoiser
-from diffsweep.diffusers_bridge import (FLOW_EXPORT_SCHEDULER, METADATA_FILE,
-                                        VP_PREDICTION_TYPES, WEIGHT_FILES,
-                                        TrainedBetasVPSchedule, flow_mu, flow_scheduler_config,
-                                        scheduler_config)
+from diffsweep.diffusers_bridge import (
+    FLOW_EXPORT_SCHEDULER,
+    METADATA_FILE,
+    VP_PREDICTION_TYPES,
+    WEIGHT_FILES,
+    TrainedBetasVPSchedule,
+    flow_mu,
+    flow_scheduler_config,
+    scheduler_config,
+)
 from diffsweep.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from diffsweep.nets.diffusers_unet import DiffusersUNet, block_types, require_diffusers
 from diffsweep.nets.unet import AttentionBlock, Downsample, ResBlock, UNet, Upsample
-from diffsweep.schedules import (ContinuousVPSchedule, DiscreteVPSchedule, FlowMatchingSchedule,
-                                 NoiseSchedule)
+from diffsweep.schedules import (
+    ContinuousVPSchedule,
+    DiscreteVPSchedule,
+    FlowMatchingSchedule,
+    NoiseSchedule,
+)
 
 log = logging.getLogger(__name__)
 

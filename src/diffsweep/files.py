@@ -24,8 +24,9 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator, Mapping
+from typing import IO, Any
 
 import torch
 
@@ -43,7 +44,8 @@ class DiskFullError(OSError):
             free = "free space unknown"
         kept = "the previous file there is unchanged" if path.exists() else "no file was left"
         self.path = path
-        self.message = f"No space left on device writing {path} ({free} on its file system); {kept}."
+        self.message = (f"No space left on device writing {path} ({free} on its file system); "
+                        f"{kept}.")
         super().__init__(errno.ENOSPC, self.message)
 
     def __str__(self) -> str:
@@ -335,7 +337,8 @@ def tensors_sha256(named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[st
 
 
 __all__ = ["DISK_FULL_MARGIN_BYTES", "append_text", "free_bytes",
-           "DiskFullError", "is_disk_full", "remove_stale_partials", "atomic_torch_save", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
+           "DiskFullError", "is_disk_full", "remove_stale_partials", "atomic_torch_save",
+           "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
            "atomic_writer", "bytes_sha256", "file_lock", "file_sha256", "fsync_directory",
            "fsync_file", "is_locked", "partial_path", "read_file_sha256", "replace_atomically",
            "stable_hash", "tensors_sha256"]

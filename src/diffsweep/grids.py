@@ -17,10 +17,10 @@ sigma~ with the schedule's table (linear interpolation in sigma~ between entries
 ``karras`` (rho = 7), ``uniform_t`` and ``log_snr`` work for any schedule. ``auto`` resolves to
 ``leading`` for discrete schedules and ``karras`` for continuous ones (:func:`resolve_spacing`).
 
-Every grid built here but ``quadratic`` is strictly decreasing for ``1 <= num_steps <= N`` (N training indices); a
-grid a caller builds by hand must be non-increasing (:func:`check_sigma_grid`), and a repeated value
-is a zero-length step, which every sampler skips but UniPC's final corrector (see
-:mod:`diffsweep.samplers`).
+Every grid built here but ``quadratic`` is strictly decreasing for ``1 <= num_steps <= N`` (N
+training indices); a grid a caller builds by hand must be non-increasing (:func:`check_sigma_grid`),
+and a repeated value is a zero-length step, which every sampler skips but UniPC's final corrector
+(see :mod:`diffsweep.samplers`).
 """
 
 from __future__ import annotations
@@ -97,10 +97,12 @@ def resolve_spacing(schedule: NoiseSchedule, spacing: str) -> str:
 
 def discrete_timesteps(num_train_timesteps: int, num_steps: int, spacing: str,
                        steps_offset: int = 0) -> Tensor:
-    """Training indices visited by a ``num_steps`` sampler, decreasing, as diffusers' DDIM picks them.
+    """Training indices visited by a ``num_steps`` sampler, decreasing,
+    as diffusers' DDIM picks them.
 
     ``leading``: ``arange(num_steps) * (N // num_steps) + steps_offset``; ``trailing``:
-    ``round(arange(N, 0, -N / num_steps)) - 1``; ``linspace``: ``round(linspace(0, N - 1, num_steps))``;
+    ``round(arange(N, 0, -N / num_steps)) - 1``; ``linspace``:
+    ``round(linspace(0, N - 1, num_steps))``;
     ``linspace_frac``: float32 ``linspace(0, N - 1, num_steps)`` unrounded (Euler/Heun/LMS);
     ``quadratic``: ``floor(linspace(0, sqrt(0.8 N), num_steps) ** 2)`` (DDIM's CIFAR-10 tau).
     Returns float64 of shape ``(num_steps,)``, within ``[0, N - 1]``, strictly decreasing except

@@ -27,7 +27,8 @@ import logging
 import time
 import types
 import weakref
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -60,7 +61,8 @@ def autocast_dtype(precision: str | int) -> torch.dtype | None:
 
 @contextlib.contextmanager
 def sampling_precision(precision: str | int, device: torch.device) -> Iterator[None]:
-    """Autocast on ``device`` for the whole sampling run (one context, so each weight is cast once)."""
+    """Autocast on ``device`` for the whole sampling run
+    (one context, so each weight is cast once)."""
     dtype = autocast_dtype(precision)
     if dtype is None:
         yield
@@ -159,7 +161,7 @@ class CompiledSamplingNet(nn.Module):
 #: docstring: inductor keeps frozen weights alive anyway, so recompiling them would only add more).
 _last_frozen: CompiledSamplingNet | None = None
 #: The compiled copy last used for each live net (dropped with the net).
-_copies: "weakref.WeakKeyDictionary[nn.Module, CompiledSamplingNet]" = weakref.WeakKeyDictionary()
+_copies: weakref.WeakKeyDictionary[nn.Module, CompiledSamplingNet] = weakref.WeakKeyDictionary()
 
 
 def compiled_sampling_net(net: nn.Module, current: CompiledSamplingNet | None,

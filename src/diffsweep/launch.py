@@ -34,9 +34,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 from lightning.pytorch.strategies import DDPStrategy
@@ -63,7 +64,7 @@ class _Job:
     config: dict[str, Any]         # the job's config (resolved when written for the ranks)
     hydra: dict[str, Any] | None   # Hydra's runtime node (HydraConfig), when Hydra runs the job
     cwd: str                       # working directory of the job
-    launchers: list["_HydraJobLauncher"]
+    launchers: list[_HydraJobLauncher]
     env: dict[str, str | None]     # DDP variables as they were before the job
 
 

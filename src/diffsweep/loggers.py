@@ -34,10 +34,11 @@ import struct
 import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 from urllib.parse import urlparse
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
@@ -67,7 +68,8 @@ def wandb_base_url() -> str:
 
 def wandb_api_key() -> tuple[str, str] | None:
     """(API key, where it came from): ``WANDB_API_KEY``, else the ``~/.netrc`` (``$NETRC``) entry
-    of the server's host (what ``wandb login`` writes) or of any wandb host; None if there is none."""
+    of the server's host (what ``wandb login`` writes) or of any wandb host;
+    None if there is none."""
     if os.environ.get("WANDB_API_KEY"):
         return os.environ["WANDB_API_KEY"], "WANDB_API_KEY"
     netrc_path = os.environ.get("NETRC", str(Path.home() / ".netrc"))
@@ -83,7 +85,8 @@ def wandb_api_key() -> tuple[str, str] | None:
 
 
 def wandb_api_key_configured() -> bool:
-    """True if a W&B API key is set (``WANDB_API_KEY`` or ``~/.netrc``, see :func:`wandb_api_key`)."""
+    """True if a W&B API key is set (``WANDB_API_KEY`` or ``~/.netrc``, see
+    :func:`wandb_api_key`)."""
     return wandb_api_key() is not None
 
 
@@ -140,7 +143,8 @@ def wandb_logger(mode: str = "auto", *, name: str | None = None, group: str | No
     """A ``WandbLogger`` that never blocks or fails a run without a network.
 
     The API key is checked with the server first (:func:`check_wandb_api_key`, at most
-    2 x ``WANDB_CHECK_TIMEOUT_S`` seconds), so a bad key or a dead server never stalls ``wandb.init``.
+    2 x ``WANDB_CHECK_TIMEOUT_S`` seconds), so a bad key or a dead server never stalls
+    ``wandb.init``.
 
     Args:
         mode: ``online``, ``offline``, ``disabled`` or ``auto``: online if an API key is configured
@@ -159,7 +163,8 @@ def wandb_logger(mode: str = "auto", *, name: str | None = None, group: str | No
     """
     save_dir = str(kwargs.get("save_dir", "."))
     if mode not in ("auto", "online", "offline", "disabled"):
-        raise ValueError(f"logger.wandb.mode must be auto, online, offline or disabled; got {mode!r}.")
+        raise ValueError(
+            f"logger.wandb.mode must be auto, online, offline or disabled; got {mode!r}.")
     if mode in ("auto", "online"):
         mode = _resolve_online_mode(mode, save_dir)
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -191,7 +196,8 @@ def _resolve_online_mode(mode: str, save_dir: str) -> str:
     """``online`` if the key works; else ``offline`` (mode auto, said once) or WandbLoginError."""
     found = wandb_api_key()
     if found is None:
-        verdict, detail, source = "no_key", "no API key configured (WANDB_API_KEY or `wandb login`)", ""
+        verdict, source = "no_key", ""
+        detail = "no API key configured (WANDB_API_KEY or `wandb login`)"
     else:
         key, source = found
         verdict, detail = check_wandb_api_key(key)
@@ -205,8 +211,10 @@ def _resolve_online_mode(mode: str, save_dir: str) -> str:
         return "offline"
     fix = {"no_key": "set WANDB_API_KEY or run `wandb login`",
            "unreachable": "check WANDB_BASE_URL and the network",
-           "rejected": f"fix the key in {source} (`wandb login --relogin` or WANDB_API_KEY)"}[verdict]
-    what = {"no_key": "no API key is configured", "unreachable": f"the server is unreachable ({detail})",
+           "rejected": f"fix the key in {source} "
+                       "(`wandb login --relogin` or WANDB_API_KEY)"}[verdict]
+    what = {"no_key": "no API key is configured",
+            "unreachable": f"the server is unreachable ({detail})",
             "rejected": f"the server rejected the API key from {source} ({detail})"}[verdict]
     raise WandbLoginError(f"logger.wandb.mode=online is not possible: {what}; {fix}, or use "
                           f"logger.wandb.mode=auto (offline when the key or server fails) or "

@@ -15,7 +15,7 @@ All start with a linear warmup ``factor(step) = (step + 1) / warmup_steps`` for
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR

@@ -10,8 +10,9 @@ with a fixed noise seed; sample grids and FID live in callbacks (``diffsweep.cal
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import torch

@@ -50,16 +50,22 @@ import itertools
 import json
 import logging
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import lightning as L
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from diffsweep.files import (atomic_write_json, file_lock, is_locked, remove_stale_partials,
-                             stable_hash)
+from diffsweep.files import (
+    atomic_write_json,
+    file_lock,
+    is_locked,
+    remove_stale_partials,
+    stable_hash,
+)
 
 log = logging.getLogger(__name__)
 
@@ -559,8 +565,11 @@ def find_resume_point(cfg: DictConfig, output_dir: str | Path) -> ResumePoint:
         CheckpointMismatchError: the config changes what the checkpoint (or finished job)
             trained, or ``resume=never`` would mix two runs in one directory.
     """
-    from diffsweep.checkpoints import (CheckpointMismatchError, find_resume_checkpoint,
-                                       read_checkpoint)
+    from diffsweep.checkpoints import (
+        CheckpointMismatchError,
+        find_resume_checkpoint,
+        read_checkpoint,
+    )
 
     output_dir = Path(output_dir)
     ckpt_path = cfg.get("ckpt_path")

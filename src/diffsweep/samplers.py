@@ -49,9 +49,9 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from numbers import Real
-from typing import Callable
 
 import numpy as np
 import torch
@@ -152,7 +152,7 @@ class X0Clipping:
                              f"got {self.sample_max_value!r}.")
 
     @classmethod
-    def from_options(cls, options: dict) -> "X0Clipping":
+    def from_options(cls, options: dict) -> X0Clipping:
         """The clipping named by a sampler's keyword options (other keys are ignored)."""
         return cls(**{f.name: options[f.name] for f in fields(cls) if f.name in options})
 
@@ -530,8 +530,9 @@ def _check_unipc_order(order: int) -> None:
 def lms_coefficient(sigmas: list[float], i: int, order: int, j: int) -> float:
     """Weight of the derivative ``j`` steps back in the ``order``-step LMS update from sigmas[i].
 
-    ``int_{sigmas[i]}^{sigmas[i+1]} prod_{k != j} (s - sigmas[i-k]) / (sigmas[i-j] - sigmas[i-k]) ds``
-    over ``k < order``: the Lagrange basis integrated exactly (Gauss-Legendre, ``order`` nodes).
+    ``int_{sigmas[i]}^{sigmas[i+1]} L_j(s) ds`` with
+    ``L_j(s) = prod_{k != j} (s - sigmas[i-k]) / (sigmas[i-j] - sigmas[i-k])`` over ``k < order``:
+    the Lagrange basis integrated exactly (Gauss-Legendre, ``order`` nodes).
     """
     nodes, weights = np.polynomial.legendre.leggauss(max(order, 1))
     lo, hi = sigmas[i], sigmas[i + 1]

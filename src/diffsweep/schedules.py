@@ -114,7 +114,8 @@ class NoiseSchedule(ABC):
         return torch.rsqrt(sigma_tilde**2 + self.sigma_data**2)
 
     def prior_std(self, sigma_tilde: float) -> float:
-        """Standard deviation of ``x~`` at noise level sigma~ under the prior the sampler starts from.
+        """Standard deviation of ``x~`` at noise level sigma~ under the prior the sampler
+        starts from.
 
         VP samplers start from ``x_T ~ N(0, I)``, i.e. ``x~ = x_T / alpha`` with std
         ``sqrt(1 + sigma~^2)``; VE/EDM start from ``N(0, sigma_max^2 I)``.
@@ -351,11 +352,11 @@ class DiscreteVPSchedule(NoiseSchedule):
         """Exact inverse of :meth:`sigma_tilde` (linear in sigma~ between table entries).
 
         Table values map to their integer index exactly; sigma~ outside the table is clamped to
-        ``[0, N - 1]``. (diffusers' ``_sigma_to_t`` interpolates in log sigma~ instead; the two agree
-        on table entries and differ by < 0.05 index units in between (0.4 on the first interval of
-        the cosine table).) With zero terminal SNR the
-        table is not monotone at its end (sigma~[N-2] > sigma~[N-1] = 4096, as in diffusers):
-        the increasing part ``0..N-2`` is inverted and ``sigma~[N-1]`` itself maps to ``N - 1``.
+        ``[0, N - 1]``. (diffusers' ``_sigma_to_t`` interpolates in log sigma~ instead; the two
+        agree on table entries and differ by < 0.05 index units in between (0.4 on the first
+        interval of the cosine table).) With zero terminal SNR the table is not monotone at its end
+        (sigma~[N-2] > sigma~[N-1] = 4096, as in diffusers): the increasing part ``0..N-2`` is
+        inverted and ``sigma~[N-1]`` itself maps to ``N - 1``.
         """
         sigma_tilde = _as_float64(sigma_tilde)
         table = self.sigmas[: self._monotone_len]
@@ -415,7 +416,8 @@ class _SDESchedule(NoiseSchedule):
 
 
 class ContinuousVPSchedule(_SDESchedule):
-    """Song et al.'s VP SDE: ``alpha(t) = exp(-t^2 (b1 - b0)/4 - t b0/2)``, ``sigma = sqrt(1 - alpha^2)``.
+    """Song et al.'s VP SDE: ``alpha(t) = exp(-t^2 (b1 - b0)/4 - t b0/2)``,
+    ``sigma = sqrt(1 - alpha^2)``.
 
     Training t ~ U[eps_t, 1]; the net is told ``c_noise = (N - 1) t`` (999 t for N = 1000).
     """
@@ -493,7 +495,8 @@ class VESchedule(_SDESchedule):
 
 
 class EDMSchedule(NoiseSchedule):
-    """Karras et al. 2022: ``alpha = 1``, ``sigma(t) = t``; training ``ln sigma ~ N(P_mean, P_std^2)``.
+    """Karras et al. 2022: ``alpha = 1``, ``sigma(t) = t``; training
+    ``ln sigma ~ N(P_mean, P_std^2)``.
 
     The net is told ``c_noise = log(sigma) / 4`` and sees ``x / sqrt(sigma^2 + sigma_data^2)``.
     """

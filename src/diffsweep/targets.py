@@ -34,8 +34,9 @@ interpolations resolve as usual (before the check, exactly as ``instantiate`` wo
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -214,11 +215,11 @@ class TargetPolicy:
 
     @classmethod
     def command(cls, cfg: Mapping[str, Any] | DictConfig | None,
-                source: str = "the command's config") -> "TargetPolicy":
+                source: str = "the command's config") -> TargetPolicy:
         """The policy of the current command's composed config ``cfg`` (its trusted_targets)."""
         return cls(source=source, trusted=command_trusted_targets(cfg))
 
-    def for_stored(self, source: str) -> "TargetPolicy":
+    def for_stored(self, source: str) -> TargetPolicy:
         """The policy of a config stored in ``source`` (a checkpoint), loaded by this command:
         strict, with this command's trusted names."""
         return TargetPolicy(source=source, stored=True, trusted=self.trusted)

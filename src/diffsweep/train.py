@@ -10,8 +10,14 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from diffsweep.assembly import (build_callbacks, build_datamodule, build_loggers, build_module,
-                                build_trainer, check_shapes)
+from diffsweep.assembly import (
+    build_callbacks,
+    build_datamodule,
+    build_loggers,
+    build_module,
+    build_trainer,
+    check_shapes,
+)
 from diffsweep.checkpoints import explain_state_dict_errors
 from diffsweep.console import console_options, quiet
 from diffsweep.hydra_utils import hydra_signature, print_config_tree

@@ -38,9 +38,10 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from numbers import Integral, Real
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -312,9 +313,10 @@ def check_seed(key: str, value: Any, allow_null: bool = False,
 
 
 def nested_seed_problems(cfg: DictConfig) -> list[str]:
-    """Every ``*.seed`` / ``*_seed`` below the top level (``data.seed``, ``callbacks.sample_grid.seed``,
-    ``data.source.split_seed``, ...): null or an integer in [0, 2**32 - 1]. Interpolations
-    (``module.seed: ${seed}``) are skipped: their source is checked."""
+    """Every ``*.seed`` / ``*_seed`` below the top level (``data.seed``,
+    ``callbacks.sample_grid.seed``, ``data.source.split_seed``, ...): null or an integer in
+    [0, 2**32 - 1]. Interpolations (``module.seed: ${seed}``) are skipped:
+    their source is checked."""
     problems = []
     for key, value in _seed_entries(cfg, prefix=""):
         if "." in key:
@@ -415,7 +417,8 @@ def _requested_gpus(devices: Any) -> tuple[int | None, list[int]]:
     return int(devices), []
 
 
-def accelerator_problems(trainer: DictConfig | None, cuda_device_count: Callable[[], int]) -> list[str]:
+def accelerator_problems(trainer: DictConfig | None,
+                         cuda_device_count: Callable[[], int]) -> list[str]:
     """``trainer.accelerator=gpu|cuda`` needs a CUDA GPU, and ``trainer.devices`` at most as many
     GPUs (or indices below that count) as this machine has."""
     if trainer is None:
@@ -873,8 +876,7 @@ def image_folder_problems(cfg: DictConfig, training: bool) -> list[str]:
         source = node.get("source")
         if not isinstance(source, DictConfig) or source.get("_target_") != _FOLDER_SOURCE:
             continue
-        from diffsweep.data.folder import (IMAGE_EXTENSIONS, UnreadableFolderError,
-                                           count_images)
+        from diffsweep.data.folder import IMAGE_EXTENSIONS, UnreadableFolderError, count_images
 
         root_key = (f"{data_key}.root" if "root" in node and
                     OmegaConf.is_interpolation(source, "root") else f"{data_key}.source.root")
@@ -1329,7 +1331,8 @@ def _select(cfg: DictConfig, key: str, default: Any = None) -> Any:
 
 
 __all__ = ["ACCELERATORS", "ANCESTRAL_ETA_METHODS", "BOOLEAN_KEYS", "ConfigError",
-           "FID_METRIC_FAMILIES", "LOW_FREE_BYTES", "LR_RANGE", "MAX_SEED", "MIN_FREE_BYTES", "TRAINER_PRECISIONS",
+           "FID_METRIC_FAMILIES", "LOW_FREE_BYTES", "LR_RANGE", "MAX_SEED", "MIN_FREE_BYTES",
+           "TRAINER_PRECISIONS",
            "accelerator_problems", "boolean_problems", "callback_value_problems", "check_bool",
            "check_batch_limit", "check_choice", "check_count", "check_devices",
            "check_free_space", "check_integer", "check_number", "check_seed",

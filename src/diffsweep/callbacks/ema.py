@@ -4,8 +4,9 @@ Lightning's ``EMAWeightAveraging`` has a fixed decay; diffusion training wants t
 (early weights are poor). We pass our own ``multi_avg_fn`` that does one fused
 ``torch._foreach_lerp_`` per update with the decay of the current step:
 
-    decay(step) = min(max_decay, 1 - (1 + step / inv_gamma) ** -power)   (power warmup, diffusers'
-                                                                          EMAModel with use_ema_warmup)
+    decay(step) = min(max_decay, 1 - (1 + step / inv_gamma) ** -power)
+
+(power warmup, diffusers' ``EMAModel`` with ``use_ema_warmup``).
 
 ``power = 2/3`` suits short runs, ``3/4`` long ones (Karras et al.). The average lives in an
 ``AveragedModel`` of the whole LightningModule, so frozen helpers (VAE, Inception) must stay outside
@@ -27,7 +28,8 @@ from torch import Tensor
 
 def ema_decay(step: int, max_decay: float = 0.9999, inv_gamma: float = 1.0,
               power: float = 2 / 3, min_decay: float = 0.0) -> float:
-    """Decay for the update after ``step`` optimizer steps (step >= 0), in [min_decay, max_decay]."""
+    """Decay for the update after ``step`` optimizer steps (step >= 0),
+    in [min_decay, max_decay]."""
     value = 1 - (1 + step / inv_gamma) ** -power
     return max(min_decay, min(max_decay, value))
 

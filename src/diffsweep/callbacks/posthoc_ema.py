@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -29,10 +30,19 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor
 
 from diffsweep.checkpoints import strip_compile_prefix
-from diffsweep.posthoc_ema import (SNAPSHOT_DIR, SNAPSHOT_DTYPES, check_sigma_rel,
-                                   drop_snapshots_after, list_snapshots, power_function_beta,
-                                   sigma_rel_to_gamma, snapshot_bytes, snapshot_count,
-                                   update_power_ema, write_snapshot)
+from diffsweep.posthoc_ema import (
+    SNAPSHOT_DIR,
+    SNAPSHOT_DTYPES,
+    check_sigma_rel,
+    drop_snapshots_after,
+    list_snapshots,
+    power_function_beta,
+    sigma_rel_to_gamma,
+    snapshot_bytes,
+    snapshot_count,
+    update_power_ema,
+    write_snapshot,
+)
 
 log = logging.getLogger(__name__)
 

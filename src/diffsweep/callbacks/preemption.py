@@ -45,9 +45,10 @@ import os
 import signal
 import subprocess
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from types import FrameType
-from typing import Any, Iterable
+from typing import Any
 
 import lightning as L
 import torch

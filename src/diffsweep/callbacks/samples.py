@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 
 def decode_to_images(trainer: L.Trainer, samples: torch.Tensor) -> torch.Tensor:
-    """Model-space samples -> images in [-1, 1] via the datamodule's ``decode`` (VAE for latents)."""
+    """Model-space samples -> images in [-1, 1] via the datamodule's ``decode``
+    (VAE for latents)."""
     datamodule = getattr(trainer, "datamodule", None)
     if datamodule is not None and hasattr(datamodule, "decode"):
         samples = datamodule.decode(samples)
@@ -39,9 +40,9 @@ class SampleGrid(Callback):
 
     Samples are drawn in ``on_validation_batch_end`` of the first validation batch, while the EMA
     weights are swapped in, and once more at the end of training (after Lightning copied the EMA
-    weights into the module). PNGs go to ``<output_dir>/samples/step_XXXXXXX.png`` (+ ``final.png``).
-    When the last validation ran at the last step, its grid shows the same weights with the same
-    noise: ``final.png`` is a copy of it, not sampled again.
+    weights into the module). PNGs go to ``<output_dir>/samples/step_XXXXXXX.png``
+    (+ ``final.png``). When the last validation ran at the last step, its grid shows the same
+    weights with the same noise: ``final.png`` is a copy of it, not sampled again.
 
     Args:
         output_dir: run directory.

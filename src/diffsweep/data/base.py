@@ -11,7 +11,8 @@ Lightning dataloaders.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -88,7 +89,7 @@ class ImageSource(ABC):
     channels: int
     resolution: int
 
-    def prepare(self) -> None:
+    def prepare(self) -> None:  # noqa: B027 - an optional hook; the no-op default is the point
         """One-time, single-process preparation (e.g. download). Default: nothing."""
 
     @abstractmethod
@@ -100,7 +101,7 @@ class ImageSource(ABC):
         """Stable sha256 hex digest identifying what ``load(split)`` serves (see class contract)."""
 
     @property
-    def pixel_source(self) -> "ImageSource":
+    def pixel_source(self) -> ImageSource:
         """The source of the images that :meth:`decode` reproduces: this one, for pixel data."""
         return self
 
@@ -149,7 +150,7 @@ class TensorImageDataset(Dataset):
             x = x.flip(-1)
         return x, self.labels[index]
 
-    def __getitems__(self, indices: Sequence[int]) -> "PreBatched":
+    def __getitems__(self, indices: Sequence[int]) -> PreBatched:
         idx = torch.as_tensor(indices, dtype=torch.int64)
         x = self._convert(self.images[idx])
         if self.random_flip:

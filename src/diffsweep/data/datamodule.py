@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import lightning.pytorch as pl
 import torch
@@ -150,7 +150,8 @@ class ImageDataModule(pl.LightningDataModule):
         except Exception:  # noqa: BLE001 - strategy not set up yet
             return False
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool,
+                drop_last: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
             dataset,

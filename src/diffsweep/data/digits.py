@@ -23,10 +23,10 @@ class DigitsSource(ImageSource):
     """``sklearn.datasets.load_digits``: 1797 grayscale 8x8 digits, pixel values 0..16.
 
     Images are scaled to ``[-1, 1]`` (``v / 8 - 1``) and resized from 8x8 to
-    ``resolution`` x ``resolution`` with ``torch.nn.functional.interpolate`` (``align_corners=False``,
-    antialiased when shrinking; bicubic output is clamped to ``[-1, 1]``). Labels are the digit
-    classes 0..9. The train/val split is a seeded permutation (``split_indices``), identical on
-    every machine and run.
+    ``resolution`` x ``resolution`` with ``torch.nn.functional.interpolate``
+    (``align_corners=False``, antialiased when shrinking; bicubic output is clamped to ``[-1, 1]``).
+    Labels are the digit classes 0..9. The train/val split is a seeded permutation
+    (``split_indices``), identical on every machine and run.
 
     Args:
         resolution: output side length in pixels (default 16; 8 keeps the originals).

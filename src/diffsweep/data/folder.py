@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -287,7 +287,8 @@ class ImageFolderSource(ImageSource):
             )
         files = [f for f, e in zip(candidates, errors) if e is None]
         if not files:
-            raise FileNotFoundError(f"every image under {self.root} is unreadable ({len(bad)} files)")
+            raise FileNotFoundError(
+                f"every image under {self.root} is unreadable ({len(bad)} files)")
         return files
 
     def _split_files(self, split: str) -> tuple[list[str], torch.Tensor]:

@@ -67,8 +67,16 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from diffsweep.data.base import ImageSource, PreBatched, check_choice, check_split, collate
 from diffsweep.data.vae import LatentVAE
-from diffsweep.files import (atomic_write_json, bytes_sha256, file_lock, fsync_directory,
-                             fsync_file, read_file_sha256, replace_atomically, stable_hash)
+from diffsweep.files import (
+    atomic_write_json,
+    bytes_sha256,
+    file_lock,
+    fsync_directory,
+    fsync_file,
+    read_file_sha256,
+    replace_atomically,
+    stable_hash,
+)
 from diffsweep.hydra_utils import register_resolvers
 
 register_resolvers()  # configs/data/latents.yaml uses ${diffsweep.div:...}
@@ -314,7 +322,8 @@ class LatentCache:
         arrays = {}
         for name in ARRAYS:
             shape, dtype = self._expected(name)
-            arrays[name] = np.lib.format.open_memmap(self.partial(name), mode="r+" if start else "w+",
+            arrays[name] = np.lib.format.open_memmap(self.partial(name),
+                                                     mode="r+" if start else "w+",
                                                      dtype=dtype, shape=shape)
         if start:
             log.info("latent cache %s: resuming encode at %d/%d", self.dir, start, self.count)
@@ -503,7 +512,13 @@ def _progress_bar(enabled: bool, description: str, total: int, completed: int) -
     if not enabled:
         yield lambda n: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn()) as bar:
@@ -641,7 +656,8 @@ class LatentSource(ImageSource):
 
     name = "latents"
 
-    def __init__(self, images: Any, vae: LatentVAE, cache_dir: str | os.PathLike[str] = ".cache/latents",
+    def __init__(self, images: Any, vae: LatentVAE,
+                 cache_dir: str | os.PathLike[str] = ".cache/latents",
                  sample_posterior: bool = True, seed: int = 0, storage_dtype: str = "float16",
                  encode_batch_size: int = 64, encode_device: str | None = None,
                  decode_batch_size: int = 32, checkpoint_every: int = 20,
@@ -799,7 +815,8 @@ class LatentSource(ImageSource):
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Model-space latents (B, C, h, w) -> images (B, *pixel_shape) in [-1, 1] on x.device
         (the VAE moves there lazily; batches of ``decode_batch_size``)."""
-        return self.vae.decode(x, batch_size=self.decode_batch_size, out_channels=self.pixel_shape[0])
+        return self.vae.decode(x, batch_size=self.decode_batch_size,
+                               out_channels=self.pixel_shape[0])
 
     def encode(self, images: torch.Tensor, sample: bool = False,
                generator: torch.Generator | None = None) -> torch.Tensor:

@@ -107,7 +107,8 @@ class MNISTSource(ImageSource):
             try:
                 getattr(tvd, self.torchvision_class)(str(self.root), train=True, download=True)
             except Exception as e:  # noqa: BLE001 - offline, proxy, mirror down...
-                raise FileNotFoundError(self._missing_message(missing, f"download failed: {e}")) from e
+                raise FileNotFoundError(
+                    self._missing_message(missing, f"download failed: {e}")) from e
             missing = sorted({s for split in splits for s in self._missing(split)})
             if not missing:
                 return

@@ -95,7 +95,8 @@ class LatentVAE:
         self.pretrained = None if pretrained is None else str(pretrained)
         self.subfolder = subfolder or None
         self.revision = revision or None
-        self._config_kwargs: dict[str, Any] | None = None if config is None else dict(to_plain(config))
+        self._config_kwargs: dict[str, Any] | None = (
+            None if config is None else dict(to_plain(config)))
         self.seed = int(seed)
         self.dtype_name = dtype
         self.dtype = _DTYPES[dtype]
@@ -322,7 +323,8 @@ class LatentVAE:
         grey (for 1-channel datasets)."""
         if latents.ndim != 4 or latents.shape[1] != self.latent_channels:
             raise ValueError(
-                f"decode expects (B, {self.latent_channels}, h, w) latents, got {tuple(latents.shape)}"
+                f"decode expects (B, {self.latent_channels}, h, w) latents, "
+                f"got {tuple(latents.shape)}"
             )
         self.to(latents.device)
         outs = []
@@ -333,7 +335,8 @@ class LatentVAE:
                 if out_channels == 1:
                     img = img.mean(dim=1, keepdim=True)
                 else:
-                    raise ValueError(f"VAE decodes {img.shape[1]} channels, asked for {out_channels}")
+                    raise ValueError(
+                        f"VAE decodes {img.shape[1]} channels, asked for {out_channels}")
             outs.append(img.clamp_(-1.0, 1.0))
         return torch.cat(outs) if outs else latents.new_zeros((0,))
 

@@ -30,17 +30,17 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from diffsweep.generate import generate
 from diffsweep.metrics.extractors.base import ExtractorFactory, FeatureExtractor, extract_features
-from diffsweep.metrics.frechet import GaussianStats
 from diffsweep.metrics.fidelity import kernel_inception_distance, precision_recall
+from diffsweep.metrics.frechet import GaussianStats
 from diffsweep.metrics.metric import FeatureBank, FrechetDistance
 from diffsweep.metrics.real_stats import load_or_compute_real_stats
 from diffsweep.samplers import Sampler
@@ -184,7 +184,8 @@ class FIDEvaluator:
         self._real: GaussianStats | None = None
         self._metrics: dict[str, FrechetDistance] = {}
         self._banks: dict[str, FeatureBank] = {}
-        self._pending: dict[str, int] = {}  # pair name -> net evaluations per sample, of the last update
+        # pair name -> net evaluations per sample, of the last update
+        self._pending: dict[str, int] = {}
 
     # ------------------------------------------------------------------ preparation
     @property

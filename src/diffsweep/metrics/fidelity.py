@@ -13,7 +13,6 @@ Both take ``(N, D)`` tensors. Real vectors come from the real-statistics cache
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 
@@ -30,8 +29,11 @@ def kernel_inception_distance(fake: Tensor, real: Tensor, subsets: int = 100,
                               subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
     """(mean, std) of KID over ``subsets`` random subsets of ``min(subset_size, N_fake, N_real)``
     vectors of each set (the subsets are drawn from ``seed``)."""
-    from torch_fidelity.metric_kid import (KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD,
-                                           kid_features_to_metric)
+    from torch_fidelity.metric_kid import (
+        KEY_METRIC_KID_MEAN,
+        KEY_METRIC_KID_STD,
+        kid_features_to_metric,
+    )
 
     _check(fake, real, 2, "KID")
     size = int(min(subset_size, fake.shape[0], real.shape[0]))
@@ -45,8 +47,11 @@ def precision_recall(fake: Tensor, real: Tensor, neighborhood: int = 3,
                      batch_size: int = 10000) -> tuple[float, float]:
     """(precision, recall) with k = ``neighborhood`` nearest-neighbour radii, on the first
     ``min(N_fake, N_real)`` vectors of each set."""
-    from torch_fidelity.metric_prc import (KEY_METRIC_PRECISION, KEY_METRIC_RECALL,
-                                           prc_features_to_metric)
+    from torch_fidelity.metric_prc import (
+        KEY_METRIC_PRECISION,
+        KEY_METRIC_RECALL,
+        prc_features_to_metric,
+    )
 
     _check(fake, real, int(neighborhood) + 1, "Precision/recall")
     count = int(min(fake.shape[0], real.shape[0]))

@@ -51,7 +51,7 @@ class GaussianStats:
     features: Tensor | None = None
 
     @classmethod
-    def from_sums(cls, total: Tensor, outer: Tensor, count: int, key: str = "") -> "GaussianStats":
+    def from_sums(cls, total: Tensor, outer: Tensor, count: int, key: str = "") -> GaussianStats:
         """From ``sum f`` ``(D,)``, ``sum f f^T`` ``(D, D)`` and ``n`` (at least 2)."""
         n = int(count)
         if n < 2:
@@ -62,7 +62,7 @@ class GaussianStats:
         return cls(mean, (cov + cov.T) / 2, n, key)
 
     @classmethod
-    def from_features(cls, features: Tensor, key: str = "") -> "GaussianStats":
+    def from_features(cls, features: Tensor, key: str = "") -> GaussianStats:
         """From features ``(N, D)``."""
         f = features.double()
         return cls.from_sums(f.sum(0), f.T @ f, f.shape[0], key)
@@ -71,7 +71,7 @@ class GaussianStats:
     def num_features(self) -> int:
         return int(self.mean.shape[0])
 
-    def frechet_distance(self, other: "GaussianStats") -> float:
+    def frechet_distance(self, other: GaussianStats) -> float:
         return float(frechet_distance(self.mean, self.cov, other.mean, other.cov))
 
 

@@ -27,8 +27,9 @@ import io
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,7 +53,8 @@ def real_stats_key(datamodule: Any, split: str, extractor: nn.Module,
                    max_count: int | None, features: int = 0) -> dict:
     """What the cached real statistics depend on (``features``: real feature vectors kept)."""
     key = {"version": CACHE_VERSION, "dataset": datamodule.fingerprint(split), "split": split,
-           "image_shape": [int(s) for s in getattr(datamodule, "pixel_shape", datamodule.image_shape)],
+           "image_shape": [int(s) for s in getattr(datamodule, "pixel_shape",
+                                                   datamodule.image_shape)],
            "extractor": extractor.identity, "max_count": max_count}
     if features:
         key["features"] = int(features)

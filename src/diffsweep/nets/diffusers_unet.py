@@ -30,8 +30,9 @@ wrapped with ``num_classes = K, null_label = None``: it needs labels in 0..K-1 o
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -102,7 +103,8 @@ class DiffusersUNet(nn.Module):
         if class_labels is None:
             if self.null_label is None:
                 raise ValueError(f"This UNet has no null label (num_class_embeds="
-                                 f"{self.num_classes}): pass class_labels in 0..{self.num_classes - 1};"
+                                 f"{self.num_classes}): pass class_labels in "
+                                 f"0..{self.num_classes - 1};"
                                  f" unconditional sampling and classifier-free guidance need a net "
                                  f"trained with label dropout (diffsweep's model.num_classes).")
             return torch.full((x.shape[0],), self.null_label, device=x.device, dtype=torch.long)

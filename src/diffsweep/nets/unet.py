@@ -8,7 +8,7 @@ attention_resolutions=(16,), dropout=0.1)`` at 32x32 is the 35.7M-parameter CIFA
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +123,8 @@ class UNet(nn.Module):
     Args:
         in_channels / out_channels: image (or latent) channels; out defaults to in.
         resolution: input height = width; must be divisible by ``2 ** (len(channel_mults) - 1)``.
-        base_channels: channels at the first level; level i has ``base_channels * channel_mults[i]``.
+        base_channels: channels at the first level; level i has
+            ``base_channels * channel_mults[i]``.
         num_res_blocks: residual blocks per level on the way down (one more on the way up).
         attention_resolutions: feature-map sizes at which self-attention is applied.
         dropout: dropout inside residual blocks.

@@ -18,7 +18,8 @@ FIDEvaluator` calls the factory once, in ``prepare``, so building a config is al
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -62,7 +63,7 @@ class FeatureExtractor(nn.Module):
 
     @classmethod
     def build(cls, *, datamodule: Any = None, cache_dir: str | os.PathLike | None = None,
-              **options: Any) -> "FeatureExtractor":
+              **options: Any) -> FeatureExtractor:
         """The factory: ``cls(**options)``; data-independent extractors ignore ``datamodule``
         and ``cache_dir`` (subclasses that need them override this)."""
         return cls(**options)
@@ -71,7 +72,7 @@ class FeatureExtractor(nn.Module):
     def identity(self) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def train(self, mode: bool = True) -> "FeatureExtractor":
+    def train(self, mode: bool = True) -> FeatureExtractor:
         """Never leaves eval mode."""
         return super().train(False)
 

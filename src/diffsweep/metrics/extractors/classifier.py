@@ -14,8 +14,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -180,7 +181,7 @@ class ClassifierFeatureExtractor(FeatureExtractor):
     def build(cls, *, datamodule: Any = None, cache_dir: str | os.PathLike | None = None,
               split: str = "train", eval_split: str | None = "val", num_classes: int = 10,
               train_samples: int = 20000, batch_size: int = 128, lr: float = 2e-3,
-              seed: int = 0, width: int = 16) -> "ClassifierFeatureExtractor":
+              seed: int = 0, width: int = 16) -> ClassifierFeatureExtractor:
         """The factory: :func:`load_or_train_classifier` (needs ``datamodule`` and
         ``cache_dir``)."""
         if datamodule is None:
@@ -244,8 +245,8 @@ def load_or_train_classifier(datamodule: Any, cache_dir: str | os.PathLike, spli
     log.info("Training the FID classifier on %s (%d examples seen)...", key["dataset"],
              train_samples)
     started = time.monotonic()
-    model = train_classifier(_pixel_dataset(datamodule, split), channels, num_classes, train_samples,
-                             batch_size, lr, seed, width)
+    model = train_classifier(_pixel_dataset(datamodule, split), channels, num_classes,
+                             train_samples, batch_size, lr, seed, width)
     accuracy = None
     if eval_split:
         try:

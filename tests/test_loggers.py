@@ -15,6 +15,16 @@ def no_wandb_credentials(monkeypatch, tmp_path):
     monkeypatch.setattr(loggers, "_said_offline", False)
 
 
+def _finish_wandb() -> None:
+    """End the W&B run and its service: the service writes the offline run-<id>.wandb log
+    asynchronously, and only its shutdown guarantees the file is complete for the next reader
+    (a killed process's log is final anyway)."""
+    import wandb
+
+    wandb.finish()
+    wandb.teardown()
+
+
 def test_without_api_key_wandb_is_offline_and_says_so_once(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         first = loggers.wandb_logger(save_dir=str(tmp_path), project="p")
@@ -118,7 +128,6 @@ def test_wandb_run_id_is_kept_and_a_rerun_continues_the_run_without_repeats(tmp_
     """The id is stored in <save_dir>/wandb/run_id; a second logger there resumes that run
     (resume=allow) and skips the steps the first one wrote (read back from its run-<id>.wandb,
     including a config record longer than one 32 KiB block of the log)."""
-    import wandb
 
     first = loggers.wandb_logger(mode="offline", save_dir=str(tmp_path), project="p")
     run_id = first._wandb_init["id"]
@@ -127,13 +136,13 @@ def test_wandb_run_id_is_kept_and_a_rerun_continues_the_run_without_repeats(tmp_
     first.log_hyperparams({"long": "x" * 100_000})
     for step in range(4):
         first.log_metrics({"train/loss": float(step)}, step=step)
-    wandb.finish()
+    _finish_wandb()
     second = loggers.wandb_logger(mode="offline", save_dir=str(tmp_path), project="p")
     assert second._wandb_init["id"] == run_id
     assert second._logged_before == {step: {"train/loss"} for step in range(4)}
     for step in range(2, 6):
         second.log_metrics({"train/loss": 10.0 + step}, step=step)
-    wandb.finish()
+    _finish_wandb()
     logs = loggers.wandb_transaction_logs(tmp_path, run_id)
     assert len(logs) == 2  # two attempts (offline-run-<time>-<id>, -<id>-1 within one second)
     history = [row for path in logs for row in loggers.wandb_history(path)]
@@ -352,7 +361,6 @@ def test_a_step_logged_before_a_checkpoint_and_again_by_lightning_is_written_onc
 def test_wandb_steps_a_killed_attempt_did_not_write_are_logged_again_from_the_journal(tmp_path):
     """A kill leaves W&B's transaction log without the last seconds (its service writes it every
     flush_interval_s); the journal written before each checkpoint brings them back, once."""
-    import wandb
 
     first = loggers.wandb_logger(mode="offline", save_dir=str(tmp_path), project="p")
     run_id = first._wandb_init["id"]
@@ -360,7 +368,7 @@ def test_wandb_steps_a_killed_attempt_did_not_write_are_logged_again_from_the_jo
         first.log_metrics({"train/loss": float(step), "epoch": 0}, step=step)
     first.persist()  # before the checkpoint of step 3
     first.log_metrics({"train/loss": 4.0, "epoch": 0}, step=4)  # after it: lost with the weights
-    wandb.finish()
+    _finish_wandb()
     (killed_log,) = loggers.wandb_transaction_logs(tmp_path, run_id)
     killed_log.write_bytes(killed_log.read_bytes()[:7])  # what SIGKILL left: the header only
     second = loggers.wandb_logger(mode="offline", save_dir=str(tmp_path), project="p")
@@ -368,7 +376,7 @@ def test_wandb_steps_a_killed_attempt_did_not_write_are_logged_again_from_the_jo
     second.drop_history_after(3)
     for step in range(3, 6):
         second.log_metrics({"train/loss": 10.0 + step, "epoch": 1}, step=step)
-    wandb.finish()
+    _finish_wandb()
     history = [row for path in loggers.wandb_transaction_logs(tmp_path, run_id)
                for row in loggers.wandb_history(path)]
     loss = [(row["trainer/global_step"], row["train/loss"]) for row in history

@@ -30,7 +30,7 @@ import torch
 import diffsweep.train as train_module
 from diffsweep.checkpoints import AtomicCheckpointIO
 from diffsweep.data.sampling import GlobalBatchSampler, ResumableDataLoader
-from diffsweep.resume import read_done, read_status
+from diffsweep.resume import EpochCountersOnRestart, read_done, read_status
 from tests.conftest import REPO, compose_config
 
 STEPS = 12
@@ -219,6 +219,97 @@ def test_killed_right_after_a_checkpoint_write_keeps_every_logged_step_once(tmp_
     assert_same_history(reference, killed)
     assert (killed / "samples" / "step_0000004.png").read_bytes() == (
         reference / "samples" / "step_0000004.png").read_bytes()
+
+
+def _train_killed_after_writing(run_dir: Path, step: int, overrides: list[str], monkeypatch,
+                                base: list[str] = TINY) -> None:
+    """Train until ``step_<step>.ckpt`` is written, then die (as ``after-save`` in a process)."""
+    save = AtomicCheckpointIO.save_checkpoint
+
+    def save_then_die(self, checkpoint, path, storage_options=None):
+        save(self, checkpoint, path, storage_options)
+        if Path(path).name == f"step_{step:07d}.ckpt":
+            raise _Killed(f"killed after writing step {step}")
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", save_then_die)
+    try:
+        with pytest.raises(_Killed):
+            _train(run_dir, overrides, base=base)
+    finally:
+        monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", save)
+
+
+def _epoch_progress(checkpoint_path: Path) -> dict:
+    checkpoint = torch.load(checkpoint_path, weights_only=False)
+    return checkpoint["loops"]["fit_loop"]["epoch_progress"]
+
+
+def test_killed_after_two_epoch_end_checkpoints_in_a_row_resumes_to_the_same_weights(
+        tmp_path, monkeypatch, single_thread):
+    """Killed right after the checkpoint of step 4 (the last batch of epoch 0), rerun and killed
+    right after that of step 8 (the last batch of epoch 1), rerun: epoch 2 trains on its own data.
+    The first restart must count epoch 1 as started, as the uninterrupted run does; Lightning
+    alone leaves it uncounted, and the second restart then trained epoch 1 again."""
+    reference = tmp_path / "reference"
+    _train(reference, LIMITED, base=LOGGED)
+    killed = tmp_path / "killed"
+    _train_killed_after_writing(killed, 4, LIMITED, monkeypatch, base=LOGGED)
+    _train_killed_after_writing(killed, 8, LIMITED, monkeypatch, base=LOGGED)
+    step_8 = Path("checkpoints") / "step_0000008.ckpt"
+    assert _epoch_progress(killed / step_8) == _epoch_progress(reference / step_8)
+    _train(killed, LIMITED, base=LOGGED)
+    assert read_status(killed)["status"] == "finished"
+    assert_same_weights(reference, killed)
+    assert_same_history(reference, killed)
+
+
+def _loop_state(epochs: tuple[int, int, int, int], batches: tuple[int, int, int, int]) -> dict:
+    """A checkpoint's ``loops`` with the fit loop's epoch counters and the epoch loop's batch
+    counters of the current epoch, each (ready, started, processed, completed)."""
+    def progress(counts):
+        return dict(zip(("ready", "started", "processed", "completed"), counts))
+
+    return {"fit_loop": {
+        "epoch_progress": {"total": progress(epochs), "current": progress(epochs)},
+        "epoch_loop.batch_progress": {"total": progress(batches), "current": progress(batches),
+                                      "is_last_batch": True}}}
+
+
+def test_a_checkpoint_with_its_epoch_uncounted_gets_it_counted_on_load():
+    """A checkpoint a run resumed without the fix wrote in its next epoch (counters all 1, in a
+    training batch) counts that epoch as ready and started; correct checkpoints, in an epoch or
+    between two, are left as they are."""
+    def loaded(epochs, batches):
+        checkpoint = {"loops": _loop_state(epochs, batches)}
+        EpochCountersOnRestart().on_load_checkpoint(None, None, checkpoint)
+        return checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]
+
+    assert loaded((1, 1, 1, 1), (4, 4, 4, 3)) == {"ready": 2, "started": 2, "processed": 1,
+                                                  "completed": 1}
+    assert loaded((1, 1, 1, 1), (2, 2, 2, 1))["started"] == 2  # mid-epoch too
+    assert loaded((2, 2, 1, 1), (4, 4, 4, 3))["started"] == 2  # counted: unchanged
+    assert loaded((1, 1, 1, 1), (4, 4, 4, 4))["started"] == 1  # between epochs: unchanged
+    assert loaded((1, 1, 0, 0), (4, 4, 4, 3))["started"] == 1
+    EpochCountersOnRestart().on_load_checkpoint(None, None, {})  # no loop state: nothing to do
+
+
+@pytest.mark.slow
+def test_a_checkpoint_written_after_an_uncorrected_restart_resumes_to_the_same_weights(
+        tmp_path, monkeypatch, single_thread):
+    """A run resumed from the step 4 checkpoint without :class:`EpochCountersOnRestart`'s
+    restart correction wrote a step 8 checkpoint with epoch 1 uncounted; resuming from it now
+    continues with epoch 2 and ends with the uninterrupted run's weights."""
+    reference = tmp_path / "reference"
+    _train(reference, LIMITED)
+    killed = tmp_path / "killed"
+    _train_killed_after_writing(killed, 4, LIMITED, monkeypatch)
+    monkeypatch.setattr(EpochCountersOnRestart, "on_train_start", lambda *args: None)
+    _train_killed_after_writing(killed, 8, LIMITED, monkeypatch)
+    monkeypatch.undo()
+    step_8 = Path("checkpoints") / "step_0000008.ckpt"
+    assert _epoch_progress(killed / step_8)["total"]["started"] == 1  # epoch 1 uncounted
+    _train(killed, LIMITED)
+    assert_same_weights(reference, killed)
 
 
 @pytest.mark.slow
@@ -416,3 +507,29 @@ def test_sigkill_right_after_a_checkpoint_or_a_grid_appears_keeps_every_logged_s
         assert_same_history(reference, run_dir)
         assert (run_dir / "samples" / "final.png").read_bytes() == (
             reference / "samples" / "final.png").read_bytes(), (point, value)
+
+
+@pytest.mark.slow
+def test_sigkill_twice_in_a_row_then_the_same_command_ends_with_the_same_weights(tmp_path):
+    """Two kills in a row, each rerun with the next kill planted, then the plain command: after the
+    epoch-end checkpoints of steps 4 and 8 (the restart from step 4 used to leave epoch 1
+    uncounted, so the one from step 8 trained epoch 1 again), and other pairs around the epoch
+    boundary. The weights and csv/metrics.csv are the uninterrupted run's."""
+    overrides = LIMITED
+    reference = tmp_path / "reference"
+    result = _plain_process(tmp_path, overrides, reference, base=LOGGED)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cases = [[("after-save", 4), ("after-save", 8)], [("after-save", 2), ("after-save", 8)],
+             [("step", 5), ("after-save", 8)], [("after-save", 4), ("after-save", 12)]]
+    for number, kills in enumerate(cases):
+        cwd = tmp_path / f"case_{number}"
+        cwd.mkdir()
+        run_dir = cwd / "run"
+        for point, value in kills:
+            killed = _killed_process(cwd, point, value, overrides, run_dir, LOGGED)
+            assert killed.returncode == -signal.SIGKILL, (kills, killed.stderr[-3000:])
+        result = _plain_process(cwd, overrides, run_dir, base=LOGGED)
+        assert result.returncode == 0, (kills, result.stderr[-3000:])
+        assert read_status(run_dir)["status"] == "finished", kills
+        assert_same_weights(reference, run_dir)
+        assert_same_history(reference, run_dir)

@@ -26,6 +26,11 @@ Logged history
     (:meth:`ResumePoint.callbacks`): what was logged up to a checkpoint is on disk before it, and
     a resumed run logs what came after it once (``metrics.csv`` drops those rows first).
 
+Epoch counters
+    A resumed run also gets :class:`EpochCountersOnRestart`: after a restart from an epoch's
+    last batch the next epoch is counted as started, as in an uninterrupted run, so that a later
+    resume continues at the right epoch and data position.
+
 Config changes on resume
     The checkpoint stores its resolved run config (``diffsweep_config``). Resuming compares it key
     by key with the new run's (:func:`check_resume_config`): keys in :data:`SAFE_ON_RESUME`
@@ -458,6 +463,63 @@ class ApplyOptimizerChanges(L.Callback):
         log.info("Applied the new optimizer settings on resume: %s", self.hyperparameters)
 
 
+def _uncounted_epoch(loops: Any) -> bool:
+    """Whether a checkpoint's loop state was saved in a training batch of an epoch that the fit
+    loop never counted as started: its epoch counters (ready, started, processed, completed) are
+    all equal, as between two epochs, while the epoch loop is inside a batch (processed but not
+    completed, i.e. ``on_train_batch_end``, where every checkpoint of a training run is saved)."""
+    fit = loops.get("fit_loop") if isinstance(loops, Mapping) else None
+    if not isinstance(fit, Mapping):
+        return False
+    epochs, batches = fit.get("epoch_progress"), fit.get("epoch_loop.batch_progress")
+    if not isinstance(epochs, Mapping) or not isinstance(batches, Mapping):
+        return False
+    try:
+        counts = [epochs[kind][name] for kind in ("total", "current")
+                  for name in ("ready", "started", "processed", "completed")]
+        in_batch = batches["current"]["processed"] == batches["current"]["completed"] + 1
+    except (KeyError, TypeError):
+        return False
+    return in_batch and len(set(counts[:4])) == 1 and len(set(counts[4:])) == 1
+
+
+class EpochCountersOnRestart(L.Callback):
+    """Keep Lightning's epoch counters right across restarts, so that every resume continues at
+    the uninterrupted run's epoch and data position.
+
+    A restart from a checkpoint of an epoch's last batch (its step checkpoint, written in
+    ``on_train_batch_end``) closes that epoch in Lightning's fit loop, but leaves the loop's
+    "restarted mid-epoch" stage set when the next epoch starts: that epoch is not counted as
+    ready and started, and ``on_train_epoch_start`` is not called. Every checkpoint written in it
+    then holds an epoch count one short, and a run resumed from one of those trains that epoch
+    again, on its data, instead of continuing (a second kill and rerun ends with other weights).
+
+    - ``on_load_checkpoint``: a checkpoint written so (by a run resumed without this callback)
+      gets the uncounted epoch counted before Lightning restores its loops.
+    - ``on_train_start`` (after Lightning's restore closed the checkpoint's epoch): the stage is
+      cleared, so the next epoch starts as in an uninterrupted run (counted, with its
+      ``on_train_epoch_start`` hooks).
+    """
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        loops = checkpoint.get("loops")
+        if not _uncounted_epoch(loops):
+            return
+        epochs = loops["fit_loop"]["epoch_progress"]
+        for kind in ("total", "current"):
+            epochs[kind]["ready"] += 1
+            epochs[kind]["started"] += 1
+        log.info("Counted the epoch the checkpoint was saved in as started (a run resumed "
+                 "earlier left it uncounted): epoch %d.", epochs["current"]["processed"])
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        fit_loop = trainer.fit_loop
+        epochs = fit_loop.epoch_progress.total
+        if fit_loop.restarted_mid_epoch and epochs.processed == epochs.ready:
+            fit_loop.reset_restart_stage()  # the restored epoch is closed: start the next one
+
+
 @dataclass
 class ResumePoint:
     """Where a training run starts.
@@ -475,8 +537,9 @@ class ResumePoint:
 
     def callbacks(self) -> list[L.Callback]:
         """Callbacks of a training run that resumes here: the logged history kept in step with
-        the checkpoints (:class:`~diffsweep.loggers.CheckpointedHistory`, every run), and the
-        changes Lightning's restore would undo (optimizer hyperparameters)."""
+        the checkpoints (:class:`~diffsweep.loggers.CheckpointedHistory`, every run), the
+        epoch counters Lightning's restart leaves short (:class:`EpochCountersOnRestart`), and
+        the changes Lightning's restore would undo (optimizer hyperparameters)."""
         from diffsweep.loggers import CheckpointedHistory
 
         prefix = "module.optimizer."
@@ -486,7 +549,8 @@ class ResumePoint:
                            and change.new is not _ABSENT}
         optimizer = ([ApplyOptimizerChanges(hyperparameters)]
                      if hyperparameters and self.ckpt_path else [])
-        return [CheckpointedHistory(), *optimizer]
+        restart = [EpochCountersOnRestart()] if self.ckpt_path else []
+        return [CheckpointedHistory(), *restart, *optimizer]
 
 
 def _trains_further(changes: Sequence[ConfigChange], done: Mapping[str, Any]) -> bool:
@@ -655,7 +719,8 @@ def mark_evaluation_done(cfg: DictConfig, output_dir: str | Path, row: Mapping[s
     write_done(output_dir, {"row": dict(row), "digest": evaluation_digest(cfg)})
 
 
-__all__ = ["ApplyOptimizerChanges", "ConfigChange", "DONE_FILE", "LOCK_FILE", "ResumePoint",
+__all__ = ["ApplyOptimizerChanges", "ConfigChange", "DONE_FILE", "EpochCountersOnRestart",
+           "LOCK_FILE", "ResumePoint",
            "RunRecord", "SAFE_ON_RESUME", "STATUS_FILE", "check_resume_config", "checkpoint_folder",
            "claim_new_dir", "config_changes", "evaluation_digest", "find_resume_point",
            "finished_evaluation", "flatten_config", "key_matches", "mark_evaluation_done",

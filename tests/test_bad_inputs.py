@@ -382,30 +382,31 @@ def _train_error(cfg, monkeypatch) -> BaseException:
     return caught.value
 
 
+def _error_before(monkeypatch, owner, name: str, work: str, call) -> BaseException:
+    """The error ``call()`` raises, with ``owner.name`` (its first expensive step) replaced by a
+    stop (:class:`ReachedExpensiveWork` saying ``work`` would start)."""
+    def stop(*args, **kwargs):
+        raise ReachedExpensiveWork(f"{work} would start")
+
+    monkeypatch.setattr(owner, name, stop)
+    with pytest.raises(Exception) as caught:
+        call()
+    return caught.value
+
+
 def _evaluate_error(cfg, monkeypatch) -> BaseException:
     """``diffsweep.evaluate.run(cfg)`` up to the first sample."""
     from diffsweep import evaluate
 
-    def no_sampling(*args, **kwargs):
-        raise ReachedExpensiveWork("sampling would start")
-
-    monkeypatch.setattr(evaluate, "generate", no_sampling)
-    with pytest.raises(Exception) as caught:
-        evaluate.run(cfg)
-    return caught.value
+    return _error_before(monkeypatch, evaluate, "generate", "sampling", lambda: evaluate.run(cfg))
 
 
 def _export_error(args: list[str], monkeypatch) -> BaseException:
     """``python -m diffsweep.export args...`` (its ``main``) up to the conversion."""
     from diffsweep import export
 
-    def no_conversion(*args, **kwargs):
-        raise ReachedExpensiveWork("the export would be written")
-
-    monkeypatch.setattr(export, "diffusers_net", no_conversion)
-    with pytest.raises(Exception) as caught:
-        export.main(args)
-    return caught.value
+    return _error_before(monkeypatch, export, "diffusers_net", "the export",
+                         lambda: export.main(args))
 
 
 def _placed(text: str, places: dict[str, str]) -> str:

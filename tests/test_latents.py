@@ -190,7 +190,8 @@ def test_cache_reused_then_rekeyed_on_vae_change(tmp_path):
     assert half.fingerprint("train") != one.fingerprint("train")
 
 
-def test_interrupted_encode_resumes_and_matches_fresh_encode(tmp_path, monkeypatch):
+def _interrupted_encode(tmp_path: Path, monkeypatch) -> Path:
+    """An encode killed after 3 committed batches (24 of 40 images); its cache directory."""
     source = make_source(tmp_path, checkpoint_every=1)
     real_encode = LatentVAE.encode
     calls = {"n": 0}
@@ -198,7 +199,7 @@ def test_interrupted_encode_resumes_and_matches_fresh_encode(tmp_path, monkeypat
     def flaky(self, images):
         calls["n"] += 1
         if calls["n"] == 4:
-            raise KeyboardInterrupt("killed mid-way")  # like Ctrl-C / SIGTERM handler
+            raise KeyboardInterrupt("killed mid-way")
         return real_encode(self, images)
 
     monkeypatch.setattr(LatentVAE, "encode", flaky)
@@ -206,10 +207,16 @@ def test_interrupted_encode_resumes_and_matches_fresh_encode(tmp_path, monkeypat
         source.load("train")
     monkeypatch.setattr(LatentVAE, "encode", real_encode)
     (directory,) = cache_dirs(tmp_path)
+    progress = json.loads((directory / "progress.json").read_text())
+    assert progress["done"] == 24 and [chunk["end"] for chunk in progress["chunks"]] == [8, 16, 24]
+    return directory
+
+
+def test_interrupted_encode_resumes_and_matches_fresh_encode(tmp_path, monkeypatch):
+    directory = _interrupted_encode(tmp_path, monkeypatch)  # 3 committed batches
     assert not (directory / "manifest.json").exists() and not (directory / "mean.npy").exists()
+    source = make_source(tmp_path, checkpoint_every=1)
     assert source.cache("train").read_manifest() is None  # nothing that looks valid
-    # 3 committed batches
-    assert json.loads((directory / "progress.json").read_text())["done"] == 24
 
     resumed_source = make_source(tmp_path, checkpoint_every=1, sample_posterior=False)
     resumed = first(resumed_source, n=40)
@@ -554,28 +561,6 @@ def test_a_cache_written_before_checksums_is_re_encoded(tmp_path, caplog):
                for r in caplog.records)
     assert torch.equal(again[0], reference[0])
     assert "checksum" in json.loads((directory / "manifest.json").read_text())
-
-
-def _interrupted_encode(tmp_path: Path, monkeypatch) -> Path:
-    """An encode killed after 3 committed batches (24 of 40 images); its cache directory."""
-    source = make_source(tmp_path, checkpoint_every=1)
-    real_encode = LatentVAE.encode
-    calls = {"n": 0}
-
-    def flaky(self, images):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt("killed mid-way")
-        return real_encode(self, images)
-
-    monkeypatch.setattr(LatentVAE, "encode", flaky)
-    with pytest.raises(KeyboardInterrupt):
-        source.load("train")
-    monkeypatch.setattr(LatentVAE, "encode", real_encode)
-    (directory,) = cache_dirs(tmp_path)
-    progress = json.loads((directory / "progress.json").read_text())
-    assert progress["done"] == 24 and [chunk["end"] for chunk in progress["chunks"]] == [8, 16, 24]
-    return directory
 
 
 @pytest.mark.parametrize("damage", ["rows", "no-chunks"])
